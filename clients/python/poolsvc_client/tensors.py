@@ -1,0 +1,25 @@
+"""Decoding poolsvc's packed tensors (little-endian bytes + dtype + shape) into numpy arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from poolsvc.gen.v1 import tensor_pb2
+
+_NUMPY = {
+    tensor_pb2.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    tensor_pb2.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+}
+
+
+def decode_tensor(tensor: tensor_pb2.Tensor) -> np.ndarray:
+    """The tensor as a numpy array; bfloat16 is widened to float32 (numpy has no bfloat16)."""
+    shape = tuple(tensor.shape)
+    if tensor.dtype == tensor_pb2.DATA_TYPE_BFLOAT16:
+        bits = np.frombuffer(tensor.data, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    try:
+        dtype = _NUMPY[tensor.dtype]
+    except KeyError:
+        raise ValueError(f"cannot decode dtype {tensor_pb2.DataType.Name(tensor.dtype)}") from None
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)

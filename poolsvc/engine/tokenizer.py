@@ -1,0 +1,116 @@
+"""Text -> token ids the way the reference libraries do it, with our truncation rules."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Encoding, Tokenizer, normalizers
+
+from poolsvc.engine.errors import InvalidInputError, ModelLoadError
+from poolsvc.engine.params import PromptOptions, TruncationSide
+
+_SIDE = {TruncationSide.RIGHT: "right", TruncationSide.LEFT: "left"}
+
+
+def load_hf_tokenizer(path: Path, lowercase: bool) -> Tokenizer:
+    """The fast tokenizer of a model directory, with padding and truncation switched off."""
+    file = path / "tokenizer.json"
+    if file.is_file():
+        tok = Tokenizer.from_file(str(file))
+    else:
+        try:  # slow-only checkpoints: let transformers convert them
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(path)).backend_tokenizer
+        except Exception as exc:
+            raise ModelLoadError(f"{path} has no tokenizer.json and transformers could not build a "
+                                 f"fast tokenizer from it: {exc}") from exc
+    tok.no_padding()
+    tok.no_truncation()
+    if lowercase:  # Sentence-Transformers' do_lower_case, done as it does: in the normalizer
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.Lowercase()] + ([tok.normalizer] if tok.normalizer else []))
+    return tok
+
+
+class TextTokenizer:
+    """Thread-safe: encoding only reads; truncating variants are built once and cached."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, prompts: dict[str, str],
+                 default_prompt_name: str | None):
+        self._tok = tokenizer
+        self.vocab_size = vocab_size
+        self.prompts = prompts
+        self.default_prompt_name = default_prompt_name
+        self.num_special_tokens = tokenizer.num_special_tokens_to_add(is_pair=False)
+        self._truncating: dict[tuple[int, str], Tokenizer] = {}
+        self._lock = threading.Lock()
+
+    def prompt_text(self, prompt: PromptOptions) -> str:
+        if prompt.text:
+            return prompt.text
+        name = prompt.name or self.default_prompt_name
+        if not name:
+            return ""
+        try:
+            return self.prompts[name]
+        except KeyError:
+            known = ", ".join(sorted(self.prompts)) or "none"
+            raise InvalidInputError(
+                f"unknown prompt_name {name!r}; this model's prompts: {known}") from None
+
+    def _truncating_tokenizer(self, limit: int, side: TruncationSide) -> Tokenizer:
+        key = (limit, _SIDE[side])
+        with self._lock:
+            tok = self._truncating.get(key)
+            if tok is None:
+                tok = Tokenizer.from_str(self._tok.to_str())
+                tok.enable_truncation(limit, direction=key[1])
+                self._truncating[key] = tok
+                if len(self._truncating) > 64:  # per-request limits: keep the cache bounded
+                    self._truncating.pop(next(iter(self._truncating)))
+        return tok
+
+    def encode(self, texts: Sequence[str], limit: int, cut: bool, side: TruncationSide,
+               add_special_tokens: bool = True, indices: Sequence[int] | None = None,
+               offsets: bool = False) -> list[Encoding]:
+        """Encodings of `texts`; longer than `limit` is cut when `cut`, else InvalidInputError.
+
+        `indices` numbers the texts in error messages (their positions in the request);
+        `offsets` computes character offsets, which the model path does not need.
+        """
+        if cut and limit <= self.num_special_tokens:
+            raise InvalidInputError(
+                f"truncation max_tokens={limit} leaves no room for text: the model adds "
+                f"{self.num_special_tokens} special tokens")
+        tok = self._truncating_tokenizer(limit, side) if cut else self._tok
+        encode = tok.encode_batch if offsets else tok.encode_batch_fast
+        encodings = encode(list(texts), add_special_tokens=add_special_tokens)
+        if not cut:
+            for i, enc in enumerate(encodings):
+                if len(enc.ids) > limit:
+                    raise too_long(indices[i] if indices else i, len(enc.ids), limit)
+        return encodings
+
+    def check_ids(self, ids: Sequence[int], index: int, limit: int, cut: bool,
+                  side: TruncationSide) -> list[int]:
+        """Validates pre-tokenized input; truncation cuts the ids as given."""
+        if not ids:
+            raise InvalidInputError(f"input {index} has no token ids")
+        bad = next((t for t in ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidInputError(
+                f"input {index} has token id {bad}, outside the vocabulary (ids must be below "
+                f"{self.vocab_size})")
+        if len(ids) > limit:
+            if not cut:
+                raise too_long(index, len(ids), limit)
+            ids = ids[:limit] if side is TruncationSide.RIGHT else ids[len(ids) - limit:]
+        return list(ids)
+
+
+def too_long(index: int, length: int, limit: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"input {index} has {length} tokens, more than the limit of {limit}: shorten it, or "
+        f"enable truncation (truncation.enabled=true)")

@@ -1,0 +1,137 @@
+"""The server's life: listen, load models, SERVING, and on SIGTERM a graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from poolsvc.config import ServerConfig
+from poolsvc.engine.engine import Engine
+from poolsvc.gen.v1 import (
+    classify_pb2,
+    classify_pb2_grpc,
+    embed_pb2,
+    embed_pb2_grpc,
+    encode_pb2,
+    encode_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+    score_pb2,
+    score_pb2_grpc,
+)
+from poolsvc.service import reflection
+from poolsvc.service.servicers import (
+    ClassifyServicer,
+    EmbedServicer,
+    EncodeServicer,
+    ModelServicer,
+    ScoreServicer,
+)
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _name(module, service: str) -> str:
+    return module.DESCRIPTOR.services_by_name[service].full_name
+
+
+# Services that work today; health reports them SERVING once the models are warm. The others
+# answer UNIMPLEMENTED until their features land, and stay NOT_SERVING so meshes route around.
+WORKING = (_name(embed_pb2, "EmbedService"), _name(model_pb2, "ModelService"))
+PENDING = (_name(classify_pb2, "ClassifyService"), _name(score_pb2, "ScoreService"),
+           _name(encode_pb2, "EncodeService"))
+
+
+class PoolServer:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.engine = Engine(config)
+        self.pool = ThreadPoolExecutor(config.tokenizer_workers or os.cpu_count(),
+                                       thread_name_prefix="poolsvc-tokenize")
+        self.health = HealthServicer()
+        limit = config.max_message_bytes
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        embed_pb2_grpc.add_EmbedServiceServicer_to_server(
+            EmbedServicer(self.engine, self.pool, config.max_stream_inflight), self.server)
+        model_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(self.engine, self.pool), self.server)
+        classify_pb2_grpc.add_ClassifyServiceServicer_to_server(ClassifyServicer(), self.server)
+        score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(), self.server)
+        encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable(self.server, (*WORKING, *PENDING, health_name))
+        self.port = self.server.add_insecure_port(config.address)
+
+    async def start(self) -> None:
+        """Listens at once (health NOT_SERVING, model calls UNAVAILABLE), then loads the models."""
+        for name in ("", *WORKING, *PENDING):
+            await self.health.set(name, NOT_SERVING)
+        await self.server.start()
+        log.info("poolsvc listening on %s:%d; loading models", self.config.host, self.port)
+        await _in_daemon_thread(self.engine.start)
+        for name in ("", *WORKING):
+            await self.health.set(name, SERVING)
+        names = ", ".join(m.name for m in self.engine.models())
+        log.info("poolsvc serving %s on %s:%d", names, self.config.host, self.port)
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, refuse new calls, give in-flight ones the grace period, drain."""
+        await self.health.enter_graceful_shutdown()
+        log.info("shutting down: in-flight calls have %.1fs", self.config.grace_period)
+        await self.server.stop(self.config.grace_period)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown, 5.0)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        log.info("poolsvc stopped")
+
+
+async def _in_daemon_thread(fn) -> None:
+    """Runs blocking `fn` without tying process exit to it (a signal during a long model load
+    must still end the process)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(lambda e=exc: done.done() or done.set_exception(e))
+        else:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    threading.Thread(target=target, name="poolsvc-load", daemon=True).start()
+    await done
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    server = PoolServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        stopping.cancel()
+        await server.server.stop(0)
+        raise starting.exception()
+    await stopping
+    starting.cancel()
+    await server.stop()

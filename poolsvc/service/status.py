@@ -1,0 +1,38 @@
+"""The one table from engine errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from poolsvc.engine.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnavailableError,
+    UnsupportedError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_OF_ERROR: dict[type[Exception], grpc.StatusCode] = {
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status for `exc`. Anything not in the table is a bug: INTERNAL, logged with its
+    traceback under an id the client sees."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF_ERROR:
+            return STATUS_OF_ERROR[cls], str(exc)
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s", incident, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has the details"
+

