@@ -37,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
-    if values["models"] is None:
-        del values["models"]
-    else:
-        values["models"] = tuple(values["models"])
+    for name in ("models", "pooler_configs"):  # repeatable flags
+        if values[name] is None:
+            del values[name]
+        else:
+            values[name] = tuple(values[name])
     return ServerConfig(**values)
 
 

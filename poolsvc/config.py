@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
+
+from poolsvc.engine.params import PoolingType
 
 BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
 # The hub id of the bundled model: served from the bundled copy when the package is installed.
@@ -41,6 +44,82 @@ class ModelSpec:
             raise ConfigError(f"model name {self.name!r} may only use letters, digits and ._/:-")
 
 
+@dataclass(frozen=True)
+class PoolerConfig:
+    """Server-side pooling overrides for a model (vLLM's --override-pooler-config). Unset fields
+    leave the model's own configuration in force; requests can still override per call."""
+
+    pooling_type: PoolingType | None = None
+    normalize: bool | None = None
+    # Whether classification / scoring / reward outputs go through the task's activation.
+    activation: bool | None = None
+    # STEP pooling: the token id that marks the end of a step, and which columns of the head's
+    # output to return (process reward models).
+    step_tag_id: int | None = None
+    returned_token_ids: tuple[int, ...] | None = None
+    # Embed inputs longer than the model's limit in chunks, then average them weighted by tokens.
+    enable_chunked_processing: bool = False
+    # With chunking: the longest input accepted, in tokens (default: 16 chunks' worth).
+    max_embed_len: int | None = None
+
+    @classmethod
+    def from_json(cls, text: str) -> PoolerConfig:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"--pooler-config is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("--pooler-config must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise ConfigError(f"--pooler-config has unknown keys {unknown}; known: {sorted(known)}")
+        if data.get("pooling_type") is not None:
+            name = str(data["pooling_type"]).upper()
+            try:
+                data["pooling_type"] = PoolingType[name]
+            except KeyError:
+                raise ConfigError(f"pooling_type {name!r} is not one of "
+                                  f"{[p.name for p in PoolingType]}") from None
+        if data.get("returned_token_ids") is not None:
+            data["returned_token_ids"] = tuple(data["returned_token_ids"])
+        return cls(**data)
+
+    def __post_init__(self):
+        for name in ("normalize", "activation", "enable_chunked_processing"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"pooler config {name} must be true or false")
+        for name in ("step_tag_id", "max_embed_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"pooler config {name} must be a positive integer")
+        ids = self.returned_token_ids
+        if ids is not None and (not ids or not all(isinstance(i, int) and i >= 0 for i in ids)):
+            raise ConfigError("pooler config returned_token_ids must be a list of token ids")
+
+    def merged(self, other: PoolerConfig) -> PoolerConfig:
+        """This config with `other`'s explicitly set fields on top."""
+        changes = {f.name: getattr(other, f.name) for f in dataclasses.fields(other)
+                   if getattr(other, f.name) != f.default}
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class PoolerOverride:
+    """`--pooler-config [NAME=]JSON`: for the model served as NAME, or for every model."""
+
+    model: str
+    config: PoolerConfig
+
+    @classmethod
+    def parse(cls, text: str) -> PoolerOverride:
+        text = text.strip()
+        name, sep, rest = text.partition("=")
+        if text.startswith("{") or not sep:
+            return cls("", PoolerConfig.from_json(text))
+        return cls(name.strip(), PoolerConfig.from_json(rest))
+
+
 def _opt(help: str, **kw):
     return field(metadata={"help": help, **kw.pop("meta", {})}, **kw)
 
@@ -55,6 +134,13 @@ class ServerConfig:
         f"Default: the bundled all-MiniLM-L6-v2 ({BUNDLED_MODEL})",
         default=(ModelSpec(BUNDLED_MODEL),),
         meta={"flag": "--model", "repeat": ModelSpec.parse, "metavar": "[NAME=]PATH_OR_HUB_ID"})
+    pooler_configs: tuple[PoolerOverride, ...] = _opt(
+        "[NAME=]JSON pooling overrides, e.g. '{\"pooling_type\": \"MEAN\", \"normalize\": false}'; "
+        "keys: pooling_type, normalize, activation, step_tag_id, returned_token_ids, "
+        "enable_chunked_processing, max_embed_len. Without NAME it applies to every model; "
+        "repeatable", default=(),
+        meta={"flag": "--pooler-config", "repeat": PoolerOverride.parse,
+              "metavar": "[NAME=]JSON"})
     host: str = _opt("address to listen on", default="127.0.0.1")
     port: int = _opt("port to listen on (0 picks a free one)", default=50051)
     device: str = _opt("torch device: auto (cuda when available), cpu, cuda, cuda:N",
@@ -85,6 +171,10 @@ class ServerConfig:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ConfigError(f"served model names must be unique, got {names}: use NAME=PATH")
+        for override in self.pooler_configs:
+            if override.model and override.model not in names:
+                raise ConfigError(f"--pooler-config names model {override.model!r}, which is "
+                                  f"not served; served: {', '.join(names)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
         if self.dtype not in DTYPES:
@@ -98,6 +188,14 @@ class ServerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 (auto) or more")
         if self.grace_period < 0:
             raise ConfigError("--grace-period must be >= 0 seconds")
+
+    def pooler_config(self, model: str) -> PoolerConfig:
+        """The overrides for one served model: those for every model, then its own."""
+        config = PoolerConfig()
+        for override in sorted(self.pooler_configs, key=lambda o: bool(o.model)):
+            if override.model in ("", model):
+                config = config.merged(override.config)
+        return config
 
     @property
     def address(self) -> str:

@@ -15,7 +15,7 @@ def seqs(*lengths: int, cancelled: bool = False) -> list[Sequence]:
     if cancelled:
         future.cancel()
     request = SimpleNamespace(cancelled=future.cancelled())
-    return [Sequence(request, i, n) for i, n in enumerate(lengths)]
+    return [Sequence(request, i, [0] * n) for i, n in enumerate(lengths)]
 
 
 def lengths(batch: list[Sequence]) -> list[int]:

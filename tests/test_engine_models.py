@@ -110,8 +110,13 @@ def _edit_json(path, **changes):
 def test_load_errors_name_the_problem(tmp_path, minilm_path):
     gpt = tiny_bert(tmp_path / "gpt", minilm_path)
     _edit_json(gpt / "config.json", architectures=["GPT2Model"], model_type="gpt2")
-    with pytest.raises(ModelLoadError, match="architecture GPT2Model is not supported yet"):
-        LLM(str(gpt), **CPU)
+    with pytest.raises(ModelLoadError, match="weights missing from the checkpoint: h.0"):
+        LLM(str(gpt), **CPU)  # through transformers, which would leave them random
+
+    head = tiny_bert(tmp_path / "head", minilm_path)
+    _edit_json(head / "config.json", architectures=["BertForTokenClassification"])
+    with pytest.raises(ModelLoadError, match="BertForTokenClassification has a task head"):
+        LLM(str(head), **CPU)
 
     wrong = tiny_bert(tmp_path / "wrong", minilm_path)
     _edit_json(wrong / "config.json", hidden_size=64)
@@ -123,7 +128,11 @@ def test_load_errors_name_the_problem(tmp_path, minilm_path):
     modules.append({"idx": 3, "name": "3", "path": "3_Dense",
                     "type": "sentence_transformers.models.Dense"})
     (dense / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(ModelLoadError, match="Dense' is not supported yet"):
+    with pytest.raises(ModelLoadError, match="Dense module must come after Pooling and before"):
+        LLM(str(dense), **CPU)
+    modules.insert(2, modules.pop())
+    (dense / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ModelLoadError, match="3_Dense has no config.json"):
         LLM(str(dense), **CPU)
 
     no_weights = tiny_bert(tmp_path / "empty", minilm_path)
@@ -140,7 +149,7 @@ def test_vllm_shaped_outputs(llm):
     assert out.finished and isinstance(out.request_id, str)
     outs = llm.embed(["a", {"prompt": "b"}, {"prompt_token_ids": [101, 1037, 102]}])
     np.testing.assert_allclose(outs[0].outputs.embedding, outs[2].outputs.embedding, atol=1e-6)
-    with pytest.raises(ValueError, match="task 'classify' is not supported yet"):
+    with pytest.raises(InvalidInputError, match="does not serve classify"):
         LLM(task="classify")
 
 

@@ -134,23 +134,46 @@ def test_tokenize_errors(channel):
         "served: all-MiniLM-L6-v2")
 
 
-def test_rpcs_that_land_later_say_what_is_missing(channel):
-    unimplemented = grpc.StatusCode.UNIMPLEMENTED
+def test_task_errors_on_an_embedding_model(channel):
     classify = classify_pb2_grpc.ClassifyServiceStub(channel)
     score = score_pb2_grpc.ScoreServiceStub(channel)
     encode = encode_pb2_grpc.EncodeServiceStub(channel)
-    calls = {
-        "Classify": lambda: classify.Classify(classify_pb2.ClassifyRequest(), timeout=30),
-        "ClassifyStream": lambda: list(classify.ClassifyStream(iter([]), timeout=30)),
-        "Score": lambda: score.Score(score_pb2.ScoreRequest(), timeout=30),
-        "ScoreStream": lambda: list(score.ScoreStream(iter([]), timeout=30)),
-        "Rerank": lambda: score.Rerank(score_pb2.RerankRequest(), timeout=30),
-        "Encode": lambda: encode.Encode(encode_pb2.EncodeRequest(), timeout=30),
-        "EncodeStream": lambda: list(encode.EncodeStream(iter([]), timeout=30)),
-    }
-    for name, call in calls.items():
-        assert_status(call, unimplemented, f"{name} is not available", "has not landed yet",
-                      "Embed, EmbedStream")
+    docs = [text("a"), text("b"), text("c")]
+    cases = [
+        (lambda: classify.Classify(classify_pb2.ClassifyRequest(inputs=[text("x")]), timeout=30),
+         ["all-MiniLM-L6-v2 (embedding) does not serve classify", "it serves embed, score"]),
+        (lambda: score.Score(score_pb2.ScoreRequest(queries=[text("q"), text("r")],
+                                                    documents=docs), timeout=30),
+         ["cannot pair 2 queries with 3 documents", "1 query and N documents"]),
+        (lambda: score.Score(score_pb2.ScoreRequest(documents=docs), timeout=30),
+         ["at least one query and one document"]),
+        (lambda: score.Score(score_pb2.ScoreRequest(queries=[common_pb2.Input()],
+                                                    documents=docs), timeout=30),
+         ["query 0 is empty"]),
+        (lambda: score.Rerank(score_pb2.RerankRequest(documents=docs), timeout=30),
+         ["rerank needs a query"]),
+        (lambda: score.Rerank(score_pb2.RerankRequest(query=text("q")), timeout=30),
+         ["at least one document"]),
+        (lambda: encode.Encode(encode_pb2.EncodeRequest(inputs=[text("x")],
+                                                        task=common_pb2.TASK_REWARD), timeout=30),
+         ["does not serve reward"]),
+        (lambda: encode.Encode(encode_pb2.EncodeRequest(inputs=[text("x")], task=42), timeout=30),
+         ["task 42 is not a Task"]),
+        (lambda: encode.Encode(encode_pb2.EncodeRequest(inputs=[text("x")],
+                                                        task=common_pb2.TASK_SCORE), timeout=30),
+         ["Encode does not run score"]),
+        (lambda: encode.Encode(encode_pb2.EncodeRequest(inputs=[text("x")], activation=True),
+                               timeout=30), ["activation does not apply to token_embed"]),
+    ]
+    for call, fragments in cases:
+        assert_status(call, INVALID, *fragments)
+    assert_status(lambda: classify.Classify(classify_pb2.ClassifyRequest(
+        model="nope", inputs=[text("x")]), timeout=30), grpc.StatusCode.NOT_FOUND,
+        "'nope' is not served")
+    stream = list(classify.ClassifyStream(iter([classify_pb2.ClassifyStreamRequest(
+        id="1", request=classify_pb2.ClassifyRequest(inputs=[text("x")]))]), timeout=30))
+    assert stream[0].id == "1" and stream[0].error.code == INVALID.value[0]
+    assert "does not serve classify" in stream[0].error.message
 
 
 def test_the_status_table():

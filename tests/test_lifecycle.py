@@ -60,8 +60,8 @@ def test_not_serving_until_the_model_is_warm():
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
                 assert reply.status == SERVING, service
             reply = await health.Check(health_pb2.HealthCheckRequest(
-                service="poolsvc.v1.ScoreService"))
-            assert reply.status == NOT_SERVING  # answers UNIMPLEMENTED until scoring lands
+                service="poolsvc.v1.ClassifyService"))
+            assert reply.status == NOT_SERVING  # no classification model is served
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
             assert info.value.code() == grpc.StatusCode.NOT_FOUND

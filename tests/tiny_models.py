@@ -59,3 +59,25 @@ def add_st_config(directory: Path, pooling_mode: str, normalize: bool,
         (directory / "config_sentence_transformers.json").write_text(json.dumps(
             {"prompts": prompts, "default_prompt_name": None}))
     return directory
+
+
+def st_pipeline(directory: Path, body: Path, pooling_mode: str,
+                dense: tuple[tuple[int, torch.nn.Module], ...] = (), normalize: bool = True,
+                seed: int = 0) -> Path:
+    """A Sentence-Transformers directory saved by sentence-transformers itself: the body, one
+    Pooling mode, Dense layers (out_features, activation) and optionally Normalize."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    torch.manual_seed(seed)
+    transformer = Transformer(str(body))
+    width = transformer.get_embedding_dimension()
+    modules = [transformer, Pooling(width, pooling_mode)]
+    for out_features, act in dense:
+        modules.append(Dense(width, out_features, activation_function=act))
+        width = out_features
+    if normalize:
+        modules.append(Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(directory))
+    return directory

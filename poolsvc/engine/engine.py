@@ -12,17 +12,19 @@ import torch
 from tokenizers import Encoding
 
 from poolsvc.config import ConfigError, ServerConfig
+from poolsvc.engine import tasks
 from poolsvc.engine.errors import InvalidInputError, ModelNotFoundError, UnavailableError
 from poolsvc.engine.packing import PackedBatch
-from poolsvc.engine.params import EmbedParams, PromptOptions, Task, Truncation
-from poolsvc.engine.request import Request, now_ns
+from poolsvc.engine.params import PoolingParams, PromptOptions, Task, Truncation
+from poolsvc.engine.request import Plan, Request, now_ns
 from poolsvc.engine.runner import ModelRunner, WorkQueue
-from poolsvc.engine.served import ServedModel, load_served_model
+from poolsvc.engine.served import Kind, ServedModel, load_served_model
 
 log = logging.getLogger(__name__)
 
 # An input is text, or token ids from the model's tokenizer.
 Prompt = str | Seq[int]
+_NO_PROMPT = PromptOptions()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,7 +62,8 @@ class Engine:
         dtype = resolve_dtype(self.config.dtype, device)
         for i, spec in enumerate(self.config.models):
             model = load_served_model(spec, device, dtype, self.config.allow_pickle_weights,
-                                      is_default=i == 0)
+                                      is_default=i == 0,
+                                      pooler_config=self.config.pooler_config(spec.name))
             if model.max_input_tokens > self.config.max_batch_tokens:
                 raise ConfigError(
                     f"--max-batch-tokens {self.config.max_batch_tokens} is below {model.name}'s "
@@ -93,21 +96,93 @@ class Engine:
             raise ModelNotFoundError(
                 f"model {name!r} is not served here; served: {known}") from None
 
-    def embed(self, model_name: str, inputs: Seq[Prompt], params: EmbedParams = EmbedParams(),
-              truncation: Truncation = Truncation(), prompt: PromptOptions = PromptOptions(),
+    # --- tasks -----------------------------------------------------------------------------------
+
+    def embed(self, model_name: str, inputs: Seq[Prompt], params: PoolingParams = PoolingParams(),
+              truncation: Truncation = Truncation(), prompt: PromptOptions = _NO_PROMPT,
               arrival_ns: int | None = None) -> Future:
         """Future of an EmbedOutput. Validation errors raise here, before anything is queued."""
         arrival_ns = arrival_ns or now_ns()
-        model = self._ready_model(model_name)
+        model = self._model_for(model_name, Task.EMBED)
+        _reject(params, activation="embed")
         _check_dimensions(model, params.dimensions)
+        plan = Plan(Task.EMBED, model.pooler(Task.EMBED), tasks.finish_embed,
+                    normalize=_pick(params.normalize, model.normalize_default),
+                    dimensions=params.dimensions, out_dtype=params.out_dtype)
+        chunk = model.pooler_config.enable_chunked_processing
+        token_ids = self._tokenize(model, inputs, truncation, prompt, chunked=chunk)
+        return self._submit(model, plan, token_ids, None, arrival_ns,
+                            chunk_size=model.max_input_tokens if chunk else None)
+
+    def classify(self, model_name: str, inputs: Seq[Prompt],
+                 params: PoolingParams = PoolingParams(), truncation: Truncation = Truncation(),
+                 prompt: PromptOptions = _NO_PROMPT, arrival_ns: int | None = None) -> Future:
+        """Future of a ClassifyOutput."""
+        arrival_ns = arrival_ns or now_ns()
+        model = self._model_for(model_name, Task.CLASSIFY)
+        _reject(params, normalize="classify", dimensions="classify")
+        plan = Plan(Task.CLASSIFY, model.pooler(Task.CLASSIFY), tasks.finish_classify,
+                    activation=model.activation(Task.CLASSIFY, params.activation),
+                    out_dtype=params.out_dtype)
         token_ids = self._tokenize(model, inputs, truncation, prompt)
-        req = Request(model=model, task=Task.EMBED, params=params, token_ids=token_ids,
-                      arrival_ns=arrival_ns, tokenized_ns=now_ns())
-        self._queue.put(req.sequences())
-        return req.future
+        return self._submit(model, plan, token_ids, None, arrival_ns)
+
+    def score(self, model_name: str, queries: Seq[Prompt], documents: Seq[Prompt],
+              params: PoolingParams = PoolingParams(), truncation: Truncation = Truncation(),
+              arrival_ns: int | None = None) -> Future:
+        """Future of a ScoreOutput: a cross-encoder's score of each pair, or the cosine of the
+        two embeddings for embedding models. Pairs are 1:N, N:1 or N:N (zipped)."""
+        arrival_ns = arrival_ns or now_ns()
+        model = self._model_for(model_name, Task.SCORE)
+        _reject(params, normalize="score", dimensions="score")
+        pairs = _pairs(len(queries), len(documents))
+        if model.kind is Kind.EMBEDDING:  # bi-encoder: embed each text once, then cosine
+            n = len(queries)
+            plan = Plan(Task.SCORE, model.pooler(Task.SCORE), tasks.finish_cosine_score,
+                        normalize=True, pairs=tuple((q, n + d) for q, d in pairs))
+            token_ids = self._tokenize(model, [*queries, *documents], truncation, _NO_PROMPT)
+            return self._submit(model, plan, token_ids, None, arrival_ns)
+        texts = [*queries, *documents]
+        if not all(isinstance(t, str) for t in texts):
+            raise InvalidInputError(f"cross-encoder {model.name} scores text pairs: token-id "
+                                    "inputs cannot be paired with the model's separators")
+        limit, cut = truncation.limit(model.max_input_tokens, self.config.auto_truncate)
+        encodings = model.tokenizer.encode_pairs(
+            [(queries[q], documents[d]) for q, d in pairs], limit, cut, truncation.side)
+        plan = Plan(Task.SCORE, model.pooler(Task.SCORE), tasks.finish_cross_score,
+                    activation=model.activation(Task.SCORE, params.activation))
+        return self._submit(model, plan, [e.ids for e in encodings],
+                            [e.type_ids for e in encodings] if model.uses_token_types else None,
+                            arrival_ns)
+
+    def encode(self, model_name: str, inputs: Seq[Prompt], task: Task | None = None,
+               params: PoolingParams = PoolingParams(), truncation: Truncation = Truncation(),
+               prompt: PromptOptions = _NO_PROMPT, arrival_ns: int | None = None) -> Future:
+        """Future of an EncodeOutput: the raw output of `task` (default: the model's per-token
+        task) per input."""
+        arrival_ns = arrival_ns or now_ns()
+        model = self._ready_model(model_name)
+        task = task or model.default_task
+        model.check_task(task)
+        if task is Task.SCORE:
+            raise InvalidInputError("Encode does not run score: use Score or Rerank")
+        embedding = task in (Task.EMBED, Task.TOKEN_EMBED)
+        _reject(params, dimensions="encode",
+                **({"activation": task.value} if embedding else {"normalize": task.value}))
+        if embedding:
+            plan = Plan(task, model.pooler(task), tasks.finish_encode,
+                        normalize=_pick(params.normalize, model.normalize_default),
+                        out_dtype=params.out_dtype)
+        else:
+            plan = Plan(task, model.pooler(task), tasks.finish_encode,
+                        activation=model.activation(task, params.activation),
+                        out_dtype=params.out_dtype,
+                        returned_token_ids=model.pooler_config.returned_token_ids)
+        token_ids = self._tokenize(model, inputs, truncation, prompt)
+        return self._submit(model, plan, token_ids, None, arrival_ns)
 
     def tokenize(self, model_name: str, texts: Seq[str], truncation: Truncation = Truncation(),
-                 prompt: PromptOptions = PromptOptions(), add_special_tokens: bool = True,
+                 prompt: PromptOptions = _NO_PROMPT, add_special_tokens: bool = True,
                  offsets: bool = False) -> tuple[ServedModel, list[Encoding]]:
         model = self.model(model_name)
         if not texts:
@@ -118,16 +193,33 @@ class Engine:
             [prefix + t for t in texts], limit, cut, truncation.side,
             add_special_tokens=add_special_tokens, offsets=offsets)
 
+    # --- shared steps ----------------------------------------------------------------------------
+
     def _ready_model(self, name: str) -> ServedModel:
         if not self.ready:
             raise UnavailableError("the server is not serving (loading or shutting down); retry")
         return self.model(name)
 
+    def _model_for(self, name: str, task: Task) -> ServedModel:
+        model = self._ready_model(name)
+        model.check_task(task)
+        return model
+
+    def _submit(self, model: ServedModel, plan: Plan, token_ids: list[list[int]],
+                token_type_ids: list[list[int]] | None, arrival_ns: int,
+                chunk_size: int | None = None) -> Future:
+        req = Request(model=model, plan=plan, token_ids=token_ids, token_type_ids=token_type_ids,
+                      arrival_ns=arrival_ns, tokenized_ns=now_ns(), chunk_size=chunk_size)
+        self._queue.put(req.sequences())
+        return req.future
+
     def _tokenize(self, model: ServedModel, inputs: Seq[Prompt], truncation: Truncation,
-                  prompt: PromptOptions) -> list[list[int]]:
+                  prompt: PromptOptions, chunked: bool = False) -> list[list[int]]:
         if not inputs:
             raise InvalidInputError("the request has no inputs; send at least one")
         limit, cut = truncation.limit(model.max_input_tokens, self.config.auto_truncate)
+        if chunked and not cut:  # long inputs are split into chunks instead of rejected
+            limit = model.pooler_config.max_embed_len or 16 * model.max_input_tokens
         tok = model.tokenizer
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
         out: list[list[int]] = [[] for _ in inputs]
@@ -148,12 +240,38 @@ class Engine:
         return out
 
 
+def _pick(requested: bool | None, default: bool) -> bool:
+    return default if requested is None else requested
+
+
+def _reject(params: PoolingParams, **fields: str) -> None:
+    """Options that mean nothing for the task are errors, not silently ignored."""
+    for name, task in fields.items():
+        if getattr(params, name) is not None:
+            raise InvalidInputError(f"{name} does not apply to {task}; leave it unset")
+
+
+def _pairs(num_queries: int, num_documents: int) -> list[tuple[int, int]]:
+    if num_queries == 0 or num_documents == 0:
+        raise InvalidInputError(f"score needs at least one query and one document; got "
+                                f"{num_queries} queries and {num_documents} documents")
+    if num_queries == 1:
+        return [(0, d) for d in range(num_documents)]
+    if num_documents == 1:
+        return [(q, 0) for q in range(num_queries)]
+    if num_queries == num_documents:
+        return [(i, i) for i in range(num_queries)]
+    raise InvalidInputError(
+        f"cannot pair {num_queries} queries with {num_documents} documents: send 1 query and N "
+        "documents, N queries and 1 document, or N of each (zipped)")
+
+
 def _check_dimensions(model: ServedModel, dimensions: int | None) -> None:
     if dimensions is None:
         return
     allowed = model.files.matryoshka_dimensions
-    if not 1 <= dimensions <= model.hidden_size:
-        raise InvalidInputError(f"dimensions must be between 1 and {model.hidden_size} for "
+    if not 1 <= dimensions <= model.embed_dimensions:
+        raise InvalidInputError(f"dimensions must be between 1 and {model.embed_dimensions} for "
                                 f"{model.name}, got {dimensions}")
     if allowed and dimensions not in allowed:
         raise InvalidInputError(f"{model.name} supports dimensions "
@@ -161,7 +279,10 @@ def _check_dimensions(model: ServedModel, dimensions: int | None) -> None:
 
 
 def _warm_up(model: ServedModel) -> None:
-    """One short and one longest input, so first requests do not pay for lazy initialization."""
-    lengths = [8, model.max_input_tokens]
-    ids = [[0] * n for n in lengths]
-    model.embed(PackedBatch.build(ids, None, model.device, model.module.position_offset))
+    """One short and one longest input through every pooler the model serves, so first requests
+    do not pay for lazy initialization."""
+    ids = [[0] * 8, [0] * model.max_input_tokens]
+    batch = PackedBatch.build(ids, None, model.device, model.module.position_offset)
+    hidden = model.forward(batch)
+    for task in model.tasks:
+        model.pool(hidden, batch, model.pooler(task), [0, 1])

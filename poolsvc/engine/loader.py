@@ -16,7 +16,7 @@ import torch
 
 from poolsvc.config import BUNDLED_HUB_ID, BUNDLED_MODEL
 from poolsvc.engine.errors import ModelLoadError
-from poolsvc.engine.params import PoolingType
+from poolsvc.engine.params import Activation, PoolingType
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ _ST_POOLING_MODES = {
     "max": PoolingType.MAX,
     "lasttoken": PoolingType.LAST,
     "weightedmean": PoolingType.WEIGHTED_MEAN,
-    "mean_sqrt_len_tokens": None,
+    "mean_sqrt_len_tokens": PoolingType.MEAN_SQRT_LEN,
 }
 _ST_LEGACY_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -40,7 +40,25 @@ _ST_LEGACY_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
 }
-_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+_ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+# torch activation classes named in Sentence-Transformers configs.
+_TORCH_ACTIVATIONS = {
+    "Identity": Activation.IDENTITY,
+    "Sigmoid": Activation.SIGMOID,
+    "Tanh": Activation.TANH,
+    "Softmax": Activation.SOFTMAX,
+}
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """A Sentence-Transformers Dense module: Linear then an activation, after pooling."""
+
+    path: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: Activation
 
 
 @dataclass(frozen=True)
@@ -52,8 +70,10 @@ class ModelFiles:
     aliases: tuple[str, ...]
     hf_config: dict
     architecture: str
-    pooling_type: PoolingType
+    # Sentence-Transformers pooling and modules; None / empty where the directory has none.
+    pooling_type: PoolingType | None
     normalize: bool
+    dense: tuple[DenseSpec, ...]
     # Sentence-Transformers' max_seq_length, else the tokenizer's model_max_length, if any; the
     # model's position table caps it further.
     max_input_tokens: int | None
@@ -61,6 +81,8 @@ class ModelFiles:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     matryoshka_dimensions: tuple[int, ...] = ()
+    # A CrossEncoder's configured activation (config.json "sentence_transformers.activation_fn").
+    score_activation: Activation | None = None
 
 
 def resolve(source: str, allow_pickle: bool) -> tuple[Path, tuple[str, ...]]:
@@ -104,10 +126,10 @@ def read_model_files(path: Path, source: str, aliases: tuple[str, ...]) -> Model
     from poolsvc.engine.models import MODEL_TYPES
     architecture = archs[0] if archs else MODEL_TYPES.get(hf_config.get("model_type", ""), "")
 
-    pooling, normalize = PoolingType.CLS, True  # the table's defaults for encoders
+    pooling, normalize, dense = None, True, ()  # no Sentence-Transformers files: the defaults
     modules = _read_json(path / "modules.json")
     if modules is not None:
-        pooling, normalize = _read_st_modules(path, modules)
+        pooling, normalize, dense = _read_st_modules(path, modules)
     bert_cfg = _read_json(path / "sentence_bert_config.json") or {}
     st_cfg = _read_json(path / "config_sentence_transformers.json") or {}
     prompts = st_cfg.get("prompts") or {}
@@ -117,11 +139,26 @@ def read_model_files(path: Path, source: str, aliases: tuple[str, ...]) -> Model
     matryoshka = hf_config.get("matryoshka_dimensions") or st_cfg.get("matryoshka_dimensions") or ()
     return ModelFiles(
         path=path, source=source, aliases=aliases, hf_config=hf_config, architecture=architecture,
-        pooling_type=pooling, normalize=normalize,
+        pooling_type=pooling, normalize=normalize, dense=dense,
         max_input_tokens=bert_cfg.get("max_seq_length") or _tokenizer_max_length(path),
         lowercase=bool(bert_cfg.get("do_lower_case", False)), prompts=dict(prompts),
         default_prompt_name=default_prompt,
-        matryoshka_dimensions=tuple(sorted(int(d) for d in matryoshka)))
+        matryoshka_dimensions=tuple(sorted(int(d) for d in matryoshka)),
+        score_activation=_cross_encoder_activation(path, hf_config))
+
+
+def _torch_activation(path: Path, name: str) -> Activation:
+    try:
+        return _TORCH_ACTIVATIONS[name.rsplit(".", 1)[-1]]
+    except KeyError:
+        raise ModelLoadError(f"{path}: activation {name!r} is not supported; supported: "
+                             f"{', '.join(_TORCH_ACTIVATIONS)}") from None
+
+
+def _cross_encoder_activation(path: Path, hf_config: dict) -> Activation | None:
+    name = ((hf_config.get("sentence_transformers") or {}).get("activation_fn")
+            or hf_config.get("sbert_ce_default_activation_function"))
+    return _torch_activation(path, name) if name else None
 
 
 def _tokenizer_max_length(path: Path) -> int | None:
@@ -130,22 +167,47 @@ def _tokenizer_max_length(path: Path) -> int | None:
     return value if isinstance(value, int) and value < 1_000_000 else None
 
 
-def _read_st_modules(path: Path, modules: list) -> tuple[PoolingType, bool]:
-    pooling, normalize = None, False
+def _read_st_modules(path: Path, modules: list) -> tuple[PoolingType, bool, tuple[DenseSpec, ...]]:
+    pooling, normalize, dense = None, False, []
     for module in modules:
         kind = module.get("type", "").rsplit(".", 1)[-1]
+        directory = path / module.get("path", "")
         if kind not in _ST_MODULES:
             raise ModelLoadError(
                 f"{path}: Sentence-Transformers module {module.get('type')!r} is not supported "
-                f"yet (supported: {', '.join(_ST_MODULES)})")
+                f"(supported: {', '.join(_ST_MODULES)})")
         if kind == "Transformer" and module.get("path", "") not in ("", "."):
             raise ModelLoadError(f"{path}: the Transformer module must be the directory itself")
         if kind == "Pooling":
-            pooling = _read_st_pooling(path / module.get("path", ""))
+            pooling = _read_st_pooling(directory)
+        elif kind == "Dense":
+            if pooling is None or normalize:
+                raise ModelLoadError(f"{path}: a Dense module must come after Pooling and before "
+                                     "Normalize")
+            dense.append(_read_st_dense(directory))
         normalize = normalize or kind == "Normalize"
     if pooling is None:
         raise ModelLoadError(f"{path}: modules.json has no Pooling module")
-    return pooling, normalize
+    return pooling, normalize, tuple(dense)
+
+
+def _read_st_dense(directory: Path) -> DenseSpec:
+    config = _read_json(directory / "config.json")
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{directory} has no config.json for its Dense module")
+    if config.get("use_residual") or config.get("module_input_name", "sentence_embedding") != \
+            "sentence_embedding" or config.get("module_output_name", "sentence_embedding") != \
+            "sentence_embedding":
+        raise ModelLoadError(f"{directory}: only plain Dense modules (no residual, on the "
+                             "sentence embedding) are supported")
+    try:
+        return DenseSpec(path=directory, in_features=int(config["in_features"]),
+                         out_features=int(config["out_features"]),
+                         bias=bool(config.get("bias", True)),
+                         activation=_torch_activation(directory, config.get(
+                             "activation_function", "torch.nn.modules.activation.Tanh")))
+    except KeyError as exc:
+        raise ModelLoadError(f"{directory}/config.json lacks {exc}") from None
 
 
 def _read_st_pooling(directory: Path) -> PoolingType:
@@ -157,15 +219,13 @@ def _read_st_pooling(directory: Path) -> PoolingType:
         modes = [name for key, name in _ST_LEGACY_KEYS.items() if config.get(key)]
     else:
         modes = [mode] if isinstance(mode, str) else list(mode)
-    kinds = [_ST_POOLING_MODES.get(m) for m in modes]
-    if len(kinds) != 1 or kinds[0] not in (PoolingType.CLS, PoolingType.MEAN, PoolingType.MAX,
-                                           PoolingType.LAST):
+    if len(modes) != 1 or modes[0] not in _ST_POOLING_MODES:
         raise ModelLoadError(
-            f"{directory}: pooling {modes} is not supported yet; one of cls, mean, max or "
-            "lasttoken is")
+            f"{directory}: pooling {modes} is not supported; exactly one of "
+            f"{', '.join(_ST_POOLING_MODES)} is")
     if config.get("include_prompt", True) is False:
         raise ModelLoadError(f"{directory}: include_prompt=false is not supported yet")
-    return kinds[0]
+    return _ST_POOLING_MODES[modes[0]]
 
 
 def load_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

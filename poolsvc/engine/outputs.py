@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from poolsvc.engine.params import OutputDType, Timing
+from poolsvc.engine.params import OutputDType, Task, Timing
 
 
 def to_numpy(t: torch.Tensor, dtype: OutputDType) -> np.ndarray:
@@ -20,18 +20,36 @@ def to_numpy(t: torch.Tensor, dtype: OutputDType) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class EmbedOutput:
+class Output:
     model: str                      # served name of the model that ran
-    embeddings: np.ndarray          # [num_inputs, dimensions] in the requested dtype
-    dtype: OutputDType
-    token_ids: list[list[int]]      # what the model saw, per input
+    token_ids: list[list[int]]      # what the model saw, per input (per pair for cross-encoders)
     timing: Timing
 
     @property
     def prompt_lens(self) -> list[int]:
         return [len(t) for t in self.token_ids]
 
-    @classmethod
-    def build(cls, model: str, vectors: torch.Tensor, dtype: OutputDType,
-              token_ids: list[list[int]], timing: Timing) -> EmbedOutput:
-        return cls(model, to_numpy(vectors, dtype), dtype, token_ids, timing)
+
+@dataclass(frozen=True)
+class EmbedOutput(Output):
+    embeddings: np.ndarray          # [num_inputs, dimensions] in `dtype`
+    dtype: OutputDType
+
+
+@dataclass(frozen=True)
+class ClassifyOutput(Output):
+    probs: np.ndarray               # [num_inputs, num_labels] in `dtype`
+    dtype: OutputDType
+    labels: list[str]
+
+
+@dataclass(frozen=True)
+class ScoreOutput(Output):
+    scores: np.ndarray              # [num_pairs] float32
+
+
+@dataclass(frozen=True)
+class EncodeOutput(Output):
+    task: Task
+    outputs: list[np.ndarray]       # per input: [rows, D] (per-token tasks) or [D]
+    dtype: OutputDType

@@ -16,6 +16,10 @@ class Task(enum.Enum):
     TOKEN_EMBED = "token_embed"
     TOKEN_CLASSIFY = "token_classify"
 
+    @property
+    def per_token(self) -> bool:
+        return self in (Task.REWARD, Task.TOKEN_EMBED, Task.TOKEN_CLASSIFY)
+
 
 class PoolingType(enum.Enum):
     CLS = "CLS"
@@ -25,6 +29,20 @@ class PoolingType(enum.Enum):
     STEP = "STEP"
     MAX = "MAX"
     WEIGHTED_MEAN = "WEIGHTED_MEAN"
+    MEAN_SQRT_LEN = "MEAN_SQRT_LEN"
+
+    @property
+    def per_token(self) -> bool:
+        return self in (PoolingType.ALL, PoolingType.STEP)
+
+
+class Activation(enum.Enum):
+    """What turns a head's logits into the task's output."""
+
+    IDENTITY = "identity"
+    SIGMOID = "sigmoid"
+    SOFTMAX = "softmax"
+    TANH = "tanh"
 
 
 class TruncationSide(enum.Enum):
@@ -79,9 +97,15 @@ class PromptOptions:
 
 
 @dataclass(frozen=True)
-class EmbedParams:
+class PoolingParams:
+    """Per-request pooling options (vLLM's PoolingParams). None means the model's default.
+
+    `normalize` applies to embedding tasks, `dimensions` to embed, `activation` to
+    classification, scoring and reward tasks."""
+
     normalize: bool | None = None
     dimensions: int | None = None
+    activation: bool | None = None
     out_dtype: OutputDType = OutputDType.FLOAT32
 
 

@@ -1,46 +1,90 @@
-"""Per-request state: one Request per call, one Sequence per input of it."""
+"""Per-request state: one Request per call, one or more Sequences per input of it."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from poolsvc.engine.params import EmbedParams, Task, Timing
+from poolsvc.engine.params import Activation, OutputDType, Task, Timing
 
 if TYPE_CHECKING:
-    from poolsvc.engine.served import ServedModel
+    from poolsvc.engine.served import DevicePooler, ServedModel
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything resolved about how to compute a request: on the device (`pooler`) and on the
+    host after it (`finish` turns the request's rows into its output)."""
+
+    task: Task
+    pooler: DevicePooler
+    finish: Callable[[Request], Any]
+    normalize: bool = False
+    dimensions: int | None = None
+    activation: Activation = Activation.IDENTITY
+    out_dtype: OutputDType = OutputDType.FLOAT32
+    returned_token_ids: tuple[int, ...] | None = None
+    # Score with an embedding model: (query input, document input) per pair.
+    pairs: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(eq=False)
 class Request:
-    """Everything about one call: its inputs as token ids, parameters, timestamps and the future
+    """Everything about one call: its inputs as token ids, its plan, timestamps and the future
     that receives the result (from the runner thread; asyncio callers wrap it)."""
 
     model: ServedModel
-    task: Task
-    params: EmbedParams
-    token_ids: list[list[int]]
+    plan: Plan
+    token_ids: list[list[int]]                # per input, what the model sees (usage counts)
+    token_type_ids: list[list[int]] | None    # per input, for pair encodings
     arrival_ns: int
     tokenized_ns: int
+    chunk_size: int | None = None             # split longer inputs into chunks of this size
     future: Future = field(default_factory=Future)
     started_ns: int = 0
     rows: list[torch.Tensor | None] = field(init=False)
+    _weights: list[int] = field(init=False)
     remaining: int = field(init=False)
 
     def __post_init__(self):
         self.rows = [None] * len(self.token_ids)
-        self.remaining = len(self.token_ids)
+        self._weights = [0] * len(self.token_ids)
+        self.remaining = 0
 
     @property
     def cancelled(self) -> bool:
         return self.future.cancelled()
 
     def sequences(self) -> list[Sequence]:
-        return [Sequence(self, i, len(ids)) for i, ids in enumerate(self.token_ids)]
+        seqs = []
+        for i, ids in enumerate(self.token_ids):
+            types = self.token_type_ids[i] if self.token_type_ids is not None else None
+            size = self.chunk_size or len(ids)
+            for start in range(0, len(ids), size):
+                seqs.append(Sequence(self, i, ids[start:start + size],
+                                     types[start:start + size] if types else None))
+        self.remaining = len(seqs)
+        return seqs
+
+    def add(self, seq: Sequence, output: torch.Tensor) -> bool:
+        """Records one sequence's output; True when the request is complete. Chunks of one input
+        are averaged, weighted by their token counts."""
+        i, weight = seq.index, seq.num_tokens
+        if len(self.token_ids[i]) == weight:
+            self.rows[i] = output
+        else:
+            previous = self.rows[i]
+            self.rows[i] = output * weight if previous is None else previous + output * weight
+            self._weights[i] += weight
+            if self._weights[i] == len(self.token_ids[i]):
+                self.rows[i] = self.rows[i] / self._weights[i]
+        self.remaining -= 1
+        return self.remaining == 0
 
     def timing(self, done_ns: int) -> Timing:
         return Timing(queue_ns=self.started_ns - self.tokenized_ns,
@@ -60,15 +104,16 @@ class Request:
 
 @dataclass(eq=False, slots=True)
 class Sequence:
-    """One input of a request: the unit the batcher packs."""
+    """One input of a request, or one chunk of a long input: the unit the batcher packs."""
 
     request: Request
     index: int
-    num_tokens: int
+    token_ids: list[int]
+    token_type_ids: list[int] | None = None
 
     @property
-    def token_ids(self) -> list[int]:
-        return self.request.token_ids[self.index]
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 def now_ns() -> int:

@@ -10,10 +10,8 @@ import torch
 
 from poolsvc.engine.batcher import next_batch
 from poolsvc.engine.errors import UnavailableError
-from poolsvc.engine.outputs import EmbedOutput
 from poolsvc.engine.packing import PackedBatch
-from poolsvc.engine.pooling import finish_embeddings
-from poolsvc.engine.request import Request, Sequence, now_ns
+from poolsvc.engine.request import Sequence, now_ns
 from poolsvc.engine.served import ServedModel
 
 log = logging.getLogger(__name__)
@@ -80,32 +78,36 @@ class ModelRunner:
                     req.resolve(error=exc)
 
 
-def run(batch: list[Sequence]) -> torch.Tensor:
-    """Pooled rows of the batch on the host, [num_seqs, hidden] float32 (one copy per batch)."""
+def run(batch: list[Sequence]) -> list[torch.Tensor]:
+    """One forward pass for the batch, then each pooler its sequences need; outputs on the host,
+    one per sequence, in batch order (one device-to-host copy per pooler)."""
     model: ServedModel = batch[0].request.model
     started = now_ns()
     for seq in batch:
         if not seq.request.started_ns:
             seq.request.started_ns = started
-    packed = PackedBatch.build([s.token_ids for s in batch], None, model.device,
+    types = None
+    if any(s.token_type_ids is not None for s in batch):
+        types = [s.token_type_ids or [0] * s.num_tokens for s in batch]
+    packed = PackedBatch.build([s.token_ids for s in batch], types, model.device,
                                model.module.position_offset)
-    return model.embed(packed).cpu()
+    hidden = model.forward(packed)
+    groups: dict = {}
+    for i, seq in enumerate(batch):
+        groups.setdefault(seq.request.plan.pooler, []).append(i)
+    outputs: list = [None] * len(batch)
+    for pooler, seqs in groups.items():
+        for i, out in zip(seqs, model.pool(hidden, packed, pooler, seqs)):
+            outputs[i] = out
+    return outputs
 
 
-def deliver(batch: list[Sequence], pooled: torch.Tensor) -> None:
-    for seq, row in zip(batch, pooled):
+def deliver(batch: list[Sequence], outputs: list[torch.Tensor]) -> None:
+    for seq, out in zip(batch, outputs):
         req = seq.request
-        req.rows[seq.index] = row
-        req.remaining -= 1
-        if req.remaining == 0:
-            finish(req)
-
-
-def finish(req: Request) -> None:
-    if req.cancelled:
-        return
-    params = req.params
-    normalize = req.model.files.normalize if params.normalize is None else params.normalize
-    vectors = finish_embeddings(torch.stack(req.rows), params.dimensions, normalize)
-    req.resolve(EmbedOutput.build(req.model.name, vectors, params.out_dtype, req.token_ids,
-                                  req.timing(now_ns())))
+        if req.add(seq, out) and not req.cancelled:
+            try:
+                req.resolve(req.plan.finish(req))
+            except Exception as exc:
+                log.exception("finishing a %s request failed", req.plan.task.value)
+                req.resolve(error=exc)

@@ -1,28 +1,51 @@
-"""A loaded model: its module on the device, tokenizer and serving settings."""
+"""A loaded model: its module on the device, its heads, tokenizer and serving defaults."""
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 
 import torch
 
-from poolsvc.config import ModelSpec
-from poolsvc.engine.errors import ModelLoadError
+from poolsvc.config import ModelSpec, PoolerConfig
+from poolsvc.engine.errors import InvalidInputError, ModelLoadError
 from poolsvc.engine.loader import (
+    DenseSpec,
     ModelFiles,
     fill_weights,
     load_state_dict,
     read_model_files,
     resolve,
 )
-from poolsvc.engine.models import ARCHITECTURES
+from poolsvc.engine.models import ARCHITECTURES, hf_fallback
 from poolsvc.engine.packing import PackedBatch
-from poolsvc.engine.params import PoolingType, Task
-from poolsvc.engine.pooling import SEQUENCE_POOLERS
+from poolsvc.engine.params import Activation, PoolingType, Task
+from poolsvc.engine.pooling import SEQUENCE_POOLERS, DenseHead, token_rows
 from poolsvc.engine.tokenizer import TextTokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class Kind(enum.Enum):
+    EMBEDDING = "embedding"    # a body: hidden states, pooled into embeddings
+    CLASSIFIER = "classifier"  # a head on one pooled row per sequence
+    REWARD = "reward"          # a head on every token
+
+
+class Head(enum.Enum):
+    NONE = "none"      # the pooled hidden states themselves
+    DENSE = "dense"    # Sentence-Transformers Dense modules
+    MODEL = "model"    # the checkpoint's classification / reward head
+
+
+@dataclass(frozen=True)
+class DevicePooler:
+    """What the runner computes on the device for a sequence: rows -> head."""
+
+    pooling: PoolingType
+    head: Head
+    step_tag_id: int | None = None
 
 
 @dataclass(eq=False)
@@ -30,65 +53,229 @@ class ServedModel:
     name: str
     files: ModelFiles
     module: torch.nn.Module
+    dense: DenseHead | None
     tokenizer: TextTokenizer
     device: torch.device
     dtype: torch.dtype
     max_input_tokens: int
     vocab_size: int
     is_default: bool
+    pooler_config: PoolerConfig
+    implementation: str  # "poolsvc" (own packed code) or "transformers" (the fallback)
+
+    # --- what the model is and serves -----------------------------------------------------------
+
+    @property
+    def kind(self) -> Kind:
+        if not hasattr(self.module, "head"):
+            return Kind.EMBEDDING
+        return Kind.REWARD if self.module.head_pooling is PoolingType.ALL else Kind.CLASSIFIER
 
     @property
     def tasks(self) -> tuple[Task, ...]:
-        return (Task.EMBED,)
+        if self.kind is Kind.EMBEDDING:
+            return (Task.EMBED, Task.SCORE, Task.TOKEN_EMBED)
+        if self.kind is Kind.REWARD:
+            return (Task.REWARD, Task.TOKEN_CLASSIFY)
+        tasks = [Task.CLASSIFY]
+        if self.num_labels == 1:
+            tasks.append(Task.SCORE)  # a cross-encoder
+        if self.module.head_pooling is PoolingType.LAST:  # decoder heads read any token
+            tasks.append(Task.TOKEN_CLASSIFY)
+        return tuple(tasks)
 
     @property
-    def pooling_type(self) -> PoolingType:
-        return self.files.pooling_type
+    def default_task(self) -> Task:
+        """The task Encode runs when a request names none: the raw per-token output if the
+        model has one."""
+        per_token = [t for t in self.tasks if t.per_token]
+        return per_token[0] if per_token else self.tasks[0]
+
+    def check_task(self, task: Task) -> None:
+        if task not in self.tasks:
+            raise InvalidInputError(
+                f"model {self.name} ({self.kind.value}) does not serve {task.value}; it serves "
+                f"{', '.join(t.value for t in self.tasks)}")
 
     @property
     def hidden_size(self) -> int:
         return self.module.hidden_size
 
     @property
+    def embed_dimensions(self) -> int:
+        return self.dense.out_features if self.dense is not None else self.hidden_size
+
+    @property
+    def num_labels(self) -> int:
+        return self.module.num_labels if self.kind is not Kind.EMBEDDING else 0
+
+    @property
+    def labels(self) -> list[str]:
+        id2label = self.files.hf_config.get("id2label") or {}
+        return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}")))
+                for i in range(self.num_labels)]
+
+    @property
+    def uses_token_types(self) -> bool:
+        """Whether pair encodings pass token type ids (BERT-style segment embeddings)."""
+        return int(self.files.hf_config.get("type_vocab_size", 0) or 0) > 1
+
+    @property
     def aliases(self) -> tuple[str, ...]:
         return tuple(a for a in self.files.aliases if a != self.name)
 
+    # --- pooling defaults, in precedence: server --pooler-config, model files, the model -------
+
+    @property
+    def pooling_type(self) -> PoolingType:
+        """The pooling of sequence tasks (embed, classify, score)."""
+        configured = self.pooler_config.pooling_type
+        if configured is not None and not configured.per_token:
+            return configured
+        if self.kind is Kind.EMBEDDING:
+            return self.files.pooling_type or self.module.default_pooling
+        return self.module.head_pooling if self.kind is Kind.CLASSIFIER else PoolingType.LAST
+
+    @property
+    def token_pooling(self) -> PoolingType:
+        return PoolingType.STEP if self.pooler_config.pooling_type is PoolingType.STEP \
+            else PoolingType.ALL
+
+    @property
+    def normalize_default(self) -> bool:
+        configured = self.pooler_config.normalize
+        return self.files.normalize if configured is None else configured
+
+    @property
+    def classify_activation(self) -> Activation:
+        problem = self.files.hf_config.get("problem_type")
+        if problem == "regression":
+            return Activation.IDENTITY
+        if problem == "multi_label_classification" or self.num_labels == 1:
+            return Activation.SIGMOID
+        return Activation.SOFTMAX
+
+    def activation(self, task: Task, requested: bool | None) -> Activation:
+        """The activation a request gets: the request's choice, then the server's, then the
+        task's default for this model."""
+        wanted = requested if requested is not None else self.pooler_config.activation
+        if task is Task.SCORE and self.files.score_activation is not None:
+            default = self.files.score_activation  # a CrossEncoder's configured activation_fn
+        elif task is Task.REWARD:
+            # Outcome rewards are raw; process rewards per step are probabilities (vLLM's PRM).
+            step = self.token_pooling is PoolingType.STEP
+            default = Activation.SOFTMAX if step else Activation.IDENTITY
+            if wanted is True and default is Activation.IDENTITY:
+                return self.classify_activation
+        else:
+            default = self.classify_activation
+        return Activation.IDENTITY if wanted is False else default
+
+    def pooler(self, task: Task) -> DevicePooler:
+        if task in (Task.EMBED, Task.SCORE) and self.kind is Kind.EMBEDDING:
+            return DevicePooler(self.pooling_type,
+                                Head.DENSE if self.dense is not None else Head.NONE)
+        if task is Task.TOKEN_EMBED:
+            return DevicePooler(PoolingType.ALL, Head.NONE)
+        if task.per_token:
+            return DevicePooler(self.token_pooling, Head.MODEL, self.pooler_config.step_tag_id)
+        return DevicePooler(self.pooling_type, Head.MODEL)
+
+    # --- device work -----------------------------------------------------------------------------
+
     @torch.inference_mode()
-    def embed(self, batch: PackedBatch) -> torch.Tensor:
-        """Pooled sequence vectors, [num_seqs, hidden] float32, on the device."""
-        hidden = self.module(batch)  # [num_tokens, hidden]
-        return SEQUENCE_POOLERS[self.pooling_type](hidden, batch.cu_seqlens)
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        return self.module(batch)  # [num_tokens, hidden]
+
+    @torch.inference_mode()
+    def pool(self, hidden: torch.Tensor, batch: PackedBatch, pooler: DevicePooler,
+             seqs: list[int]) -> list[torch.Tensor]:
+        """The pooler's output for the batch's sequences `seqs`, on the host in float32: a row
+        [D] per sequence, or rows [n, D] for per-token pooling."""
+        if pooler.pooling.per_token:
+            rows, counts = token_rows(pooler.pooling, hidden, batch, pooler.step_tag_id)
+            starts = [0]
+            for c in counts:
+                starts.append(starts[-1] + c)
+            parts = [rows[starts[i]:starts[i + 1]] for i in seqs]
+            rows, sizes = torch.cat(parts), [p.shape[0] for p in parts]
+        else:
+            rows = SEQUENCE_POOLERS[pooler.pooling](hidden, batch)[seqs]  # [len(seqs), hidden]
+            sizes = None
+        if pooler.head is Head.DENSE:
+            rows = self.dense(rows)
+        elif pooler.head is Head.MODEL:
+            rows = self.module.head(rows.to(self.dtype))
+        rows = rows.float().cpu()
+        return list(rows.split(sizes)) if sizes is not None else list(rows)
 
 
-def load_served_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
-                      allow_pickle: bool, is_default: bool) -> ServedModel:
-    path, aliases = resolve(spec.source, allow_pickle)
-    files = read_model_files(path, spec.source, aliases)
+def _load_dense(specs: tuple[DenseSpec, ...], hidden_size: int,
+                allow_pickle: bool) -> DenseHead | None:
+    if not specs:
+        return None
+    layers = []
+    expected = hidden_size
+    for spec in specs:
+        if spec.in_features != expected:
+            raise ModelLoadError(f"{spec.path}: Dense in_features {spec.in_features} does not "
+                                 f"match the {expected} features before it")
+        linear = torch.nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+        state = {k.removeprefix("linear."): v
+                 for k, v in load_state_dict(spec.path, allow_pickle).items()}
+        try:
+            linear.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"{spec.path}: Dense weights do not fit: {exc}") from None
+        layers.append((linear, spec.activation))
+        expected = spec.out_features
+    return DenseHead(layers)
+
+
+def _build_module(files: ModelFiles, allow_pickle: bool):
+    """(module on the CPU with its weights, implementation name)."""
     entry = ARCHITECTURES.get(files.architecture)
     if entry is None:
-        raise ModelLoadError(f"{path}: architecture {files.architecture or '(none)'} is not "
-                             f"supported yet; supported: {', '.join(sorted(ARCHITECTURES))}")
+        return hf_fallback.load(files, allow_pickle), "transformers"
     module_file, class_name = entry
     try:
         with torch.device("meta"):  # no random init: every parameter is filled from the checkpoint
             module = getattr(module_file, class_name).from_hf_config(files.hf_config)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{path}/config.json does not describe a usable "
+        raise ModelLoadError(f"{files.path}/config.json does not describe a usable "
                              f"{files.architecture}: {exc}") from exc
     module = module.to_empty(device="cpu")
-    fill_weights(module, load_state_dict(path, allow_pickle), path)
-    module = module.to(device=device, dtype=dtype).eval()
+    fill_weights(module, load_state_dict(files.path, allow_pickle), files.path)
+    return module, "poolsvc"
 
-    tok = load_hf_tokenizer(path, files.lowercase)
+
+def load_served_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
+                      allow_pickle: bool, is_default: bool,
+                      pooler_config: PoolerConfig) -> ServedModel:
+    path, aliases = resolve(spec.source, allow_pickle)
+    files = read_model_files(path, spec.source, aliases)
+    module, implementation = _build_module(files, allow_pickle)
+    module = module.to(device=device, dtype=dtype).eval()
+    dense = _load_dense(files.dense, module.hidden_size, allow_pickle)
+    if dense is not None:
+        dense = dense.to(device=device, dtype=dtype).eval()
+
     limits = [module.max_positions]
     if files.max_input_tokens:
         limits.append(int(files.max_input_tokens))
     vocab_size = int(files.hf_config["vocab_size"])
-    tokenizer = TextTokenizer(tok, vocab_size, files.prompts, files.default_prompt_name)
-    model = ServedModel(name=spec.name, files=files, module=module, tokenizer=tokenizer,
-                        device=device, dtype=dtype, max_input_tokens=min(limits),
-                        vocab_size=vocab_size, is_default=is_default)
-    log.info("loaded %s from %s: %s, %d dims, max %d tokens, %s pooling, %s on %s", model.name,
-             path, files.architecture, model.hidden_size, model.max_input_tokens,
-             model.pooling_type.value, str(dtype).removeprefix("torch."), device)
+    tokenizer = TextTokenizer(load_hf_tokenizer(path, files.lowercase), vocab_size, files.prompts,
+                              files.default_prompt_name)
+    model = ServedModel(name=spec.name, files=files, module=module, dense=dense,
+                        tokenizer=tokenizer, device=device, dtype=dtype,
+                        max_input_tokens=min(limits), vocab_size=vocab_size,
+                        is_default=is_default, pooler_config=pooler_config,
+                        implementation=implementation)
+    if model.pooler_config.pooling_type is PoolingType.STEP and model.kind is Kind.EMBEDDING:
+        raise ModelLoadError(f"{model.name}: STEP pooling needs a reward or classification head")
+    log.info("loaded %s from %s: %s (%s, %s), %s, %d dims, max %d tokens, %s pooling, %s on %s",
+             model.name, path, files.architecture, model.kind.value, implementation,
+             "/".join(t.value for t in model.tasks), model.embed_dimensions,
+             model.max_input_tokens, model.pooling_type.value, str(dtype).removeprefix("torch."),
+             device)
     return model

@@ -66,7 +66,8 @@ class TextTokenizer:
             tok = self._truncating.get(key)
             if tok is None:
                 tok = Tokenizer.from_str(self._tok.to_str())
-                tok.enable_truncation(limit, direction=key[1])
+                # longest_first: for pairs, cut the longer text first (transformers' default)
+                tok.enable_truncation(limit, strategy="longest_first", direction=key[1])
                 self._truncating[key] = tok
                 if len(self._truncating) > 64:  # per-request limits: keep the cache bounded
                     self._truncating.pop(next(iter(self._truncating)))
@@ -91,6 +92,25 @@ class TextTokenizer:
             for i, enc in enumerate(encodings):
                 if len(enc.ids) > limit:
                     raise too_long(indices[i] if indices else i, len(enc.ids), limit)
+        return encodings
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], limit: int, cut: bool,
+                     side: TruncationSide) -> list[Encoding]:
+        """Pair encodings ([CLS] a [SEP] b [SEP] and the like, with token type ids) for
+        cross-encoders; over-long pairs are cut longest-first, or rejected."""
+        special = self._tok.num_special_tokens_to_add(is_pair=True)
+        if cut and limit <= special + 1:
+            raise InvalidInputError(
+                f"truncation max_tokens={limit} leaves no room for a pair: the model adds "
+                f"{special} special tokens")
+        tok = self._truncating_tokenizer(limit, side) if cut else self._tok
+        encodings = tok.encode_batch_fast(list(pairs))
+        if not cut:
+            for i, enc in enumerate(encodings):
+                if len(enc.ids) > limit:
+                    raise InvalidInputError(
+                        f"pair {i} has {len(enc.ids)} tokens, more than the limit of {limit}: "
+                        "shorten it, or enable truncation (truncation.enabled=true)")
         return encodings
 
     def check_ids(self, ids: Sequence[int], index: int, limit: int, cut: bool,

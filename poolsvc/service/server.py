@@ -15,6 +15,7 @@ from grpc_health.v1._async import HealthServicer
 
 from poolsvc.config import ServerConfig
 from poolsvc.engine.engine import Engine
+from poolsvc.engine.params import Task
 from poolsvc.gen.v1 import (
     classify_pb2,
     classify_pb2_grpc,
@@ -46,11 +47,15 @@ def _name(module, service: str) -> str:
     return module.DESCRIPTOR.services_by_name[service].full_name
 
 
-# Services that work today; health reports them SERVING once the models are warm. The others
-# answer UNIMPLEMENTED until their features land, and stay NOT_SERVING so meshes route around.
-WORKING = (_name(embed_pb2, "EmbedService"), _name(model_pb2, "ModelService"))
-PENDING = (_name(classify_pb2, "ClassifyService"), _name(score_pb2, "ScoreService"),
-           _name(encode_pb2, "EncodeService"))
+# Each poolsvc service and the tasks behind it: health reports a service SERVING when the models
+# are warm and one of them serves one of its tasks.
+SERVICE_TASKS = {
+    _name(embed_pb2, "EmbedService"): {Task.EMBED},
+    _name(classify_pb2, "ClassifyService"): {Task.CLASSIFY},
+    _name(score_pb2, "ScoreService"): {Task.SCORE},
+    _name(encode_pb2, "EncodeService"): set(Task) - {Task.SCORE},
+    _name(model_pb2, "ModelService"): set(Task),
+}
 
 
 class PoolServer:
@@ -66,27 +71,30 @@ class PoolServer:
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
         ])
-        embed_pb2_grpc.add_EmbedServiceServicer_to_server(
-            EmbedServicer(self.engine, self.pool, config.max_stream_inflight), self.server)
+        args = (self.engine, self.pool, config.max_stream_inflight)
+        embed_pb2_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(*args), self.server)
+        classify_pb2_grpc.add_ClassifyServiceServicer_to_server(ClassifyServicer(*args),
+                                                                self.server)
+        score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(*args), self.server)
+        encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(*args), self.server)
         model_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(self.engine, self.pool), self.server)
-        classify_pb2_grpc.add_ClassifyServiceServicer_to_server(ClassifyServicer(), self.server)
-        score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(), self.server)
-        encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable(self.server, (*WORKING, *PENDING, health_name))
+        reflection.enable(self.server, (*SERVICE_TASKS, health_name))
         self.port = self.server.add_insecure_port(config.address)
 
     async def start(self) -> None:
         """Listens at once (health NOT_SERVING, model calls UNAVAILABLE), then loads the models."""
-        for name in ("", *WORKING, *PENDING):
+        for name in ("", *SERVICE_TASKS):
             await self.health.set(name, NOT_SERVING)
         await self.server.start()
         log.info("poolsvc listening on %s:%d; loading models", self.config.host, self.port)
         await _in_daemon_thread(self.engine.start)
-        for name in ("", *WORKING):
-            await self.health.set(name, SERVING)
+        served = {t for model in self.engine.models() for t in model.tasks}
+        await self.health.set("", SERVING)
+        for name, tasks in SERVICE_TASKS.items():
+            await self.health.set(name, SERVING if tasks & served else NOT_SERVING)
         names = ", ".join(m.name for m in self.engine.models())
         log.info("poolsvc serving %s on %s:%d", names, self.config.host, self.port)
 

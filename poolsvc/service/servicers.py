@@ -11,17 +11,21 @@ from concurrent.futures import Executor
 import grpc
 
 from poolsvc.engine.engine import Engine
-from poolsvc.engine.params import PoolingType, Task
+from poolsvc.engine.errors import InvalidInputError
+from poolsvc.engine.params import PoolingType
 from poolsvc.engine.request import now_ns
 from poolsvc.engine.served import ServedModel
 from poolsvc.gen.v1 import (
+    classify_pb2,
     classify_pb2_grpc,
     common_pb2,
     embed_pb2,
     embed_pb2_grpc,
+    encode_pb2,
     encode_pb2_grpc,
     model_pb2,
     model_pb2_grpc,
+    score_pb2,
     score_pb2_grpc,
 )
 from poolsvc.service import convert
@@ -29,10 +33,6 @@ from poolsvc.service.status import status_of
 
 log = logging.getLogger(__name__)
 
-_TASKS = {Task.EMBED: common_pb2.TASK_EMBED, Task.CLASSIFY: common_pb2.TASK_CLASSIFY,
-          Task.SCORE: common_pb2.TASK_SCORE, Task.REWARD: common_pb2.TASK_REWARD,
-          Task.TOKEN_EMBED: common_pb2.TASK_TOKEN_EMBED,
-          Task.TOKEN_CLASSIFY: common_pb2.TASK_TOKEN_CLASSIFY}
 _POOLING = {p: common_pb2.PoolingType.Value(f"POOLING_TYPE_{p.name}") for p in PoolingType}
 
 
@@ -99,18 +99,24 @@ async def serve_stream(requests: AsyncIterator, handle: Callable[[object], Await
             task.cancel()
 
 
-class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
+class _EngineServicer:
     def __init__(self, engine: Engine, pool: Executor, stream_limit: int):
         self.engine, self.pool, self.stream_limit = engine, pool, stream_limit
 
+    async def _run(self, method, *args):
+        """Validates and tokenizes in the pool (off the event loop), then awaits the runner."""
+        call = functools.partial(method, *args)
+        future = await asyncio.get_running_loop().run_in_executor(self.pool, call)
+        return await asyncio.wrap_future(future)
+
+
+class EmbedServicer(_EngineServicer, embed_pb2_grpc.EmbedServiceServicer):
     async def _embed(self, request: embed_pb2.EmbedRequest) -> embed_pb2.EmbedResponse:
         arrival = now_ns()
-        call = functools.partial(
-            self.engine.embed, request.model, convert.inputs(request.inputs),
-            convert.embed_params(request), convert.truncation(request), convert.prompt(request),
-            arrival)
-        future = await asyncio.get_running_loop().run_in_executor(self.pool, call)
-        return convert.embed_response(await asyncio.wrap_future(future))
+        out = await self._run(self.engine.embed, request.model, convert.inputs(request.inputs),
+                              convert.pooling_params(request), convert.truncation(request),
+                              convert.prompt(request), arrival)
+        return convert.embed_response(out)
 
     @unary
     async def Embed(self, request, context):
@@ -119,6 +125,78 @@ class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
     async def EmbedStream(self, request_iterator, context):
         async for response in serve_stream(request_iterator, self._embed,
                                            embed_pb2.EmbedStreamResponse, self.stream_limit):
+            yield response
+
+
+class ClassifyServicer(_EngineServicer, classify_pb2_grpc.ClassifyServiceServicer):
+    async def _classify(self, request: classify_pb2.ClassifyRequest):
+        arrival = now_ns()
+        out = await self._run(self.engine.classify, request.model, convert.inputs(request.inputs),
+                              convert.pooling_params(request), convert.truncation(request),
+                              convert.prompt(request), arrival)
+        return convert.classify_response(out)
+
+    @unary
+    async def Classify(self, request, context):
+        return await self._classify(request)
+
+    async def ClassifyStream(self, request_iterator, context):
+        async for response in serve_stream(request_iterator, self._classify,
+                                           classify_pb2.ClassifyStreamResponse,
+                                           self.stream_limit):
+            yield response
+
+
+class ScoreServicer(_EngineServicer, score_pb2_grpc.ScoreServiceServicer):
+    async def _score(self, request: score_pb2.ScoreRequest):
+        arrival = now_ns()
+        out = await self._run(self.engine.score, request.model,
+                              convert.inputs(request.queries, "query"),
+                              convert.inputs(request.documents, "document"),
+                              convert.pooling_params(request), convert.truncation(request),
+                              arrival)
+        return convert.score_response(out)
+
+    @unary
+    async def Score(self, request, context):
+        return await self._score(request)
+
+    async def ScoreStream(self, request_iterator, context):
+        async for response in serve_stream(request_iterator, self._score,
+                                           score_pb2.ScoreStreamResponse, self.stream_limit):
+            yield response
+
+    @unary
+    async def Rerank(self, request, context):
+        arrival = now_ns()
+        if not request.HasField("query"):
+            raise InvalidInputError("rerank needs a query")
+        if not request.documents:
+            raise InvalidInputError("rerank needs at least one document")
+        out = await self._run(self.engine.score, request.model,
+                              convert.inputs([request.query], "query"),
+                              convert.inputs(request.documents, "document"),
+                              convert.pooling_params(request), convert.truncation(request),
+                              arrival)
+        return convert.rerank_response(out, request.documents, request.top_n,
+                                       request.return_documents)
+
+
+class EncodeServicer(_EngineServicer, encode_pb2_grpc.EncodeServiceServicer):
+    async def _encode(self, request: encode_pb2.EncodeRequest):
+        arrival = now_ns()
+        out = await self._run(self.engine.encode, request.model, convert.inputs(request.inputs),
+                              convert.task(request.task), convert.pooling_params(request),
+                              convert.truncation(request), convert.prompt(request), arrival)
+        return convert.encode_response(out)
+
+    @unary
+    async def Encode(self, request, context):
+        return await self._encode(request)
+
+    async def EncodeStream(self, request_iterator, context):
+        async for response in serve_stream(request_iterator, self._encode,
+                                           encode_pb2.EncodeStreamResponse, self.stream_limit):
             yield response
 
 
@@ -158,41 +236,12 @@ def model_info(model: ServedModel) -> model_pb2.ModelInfo:
     files = model.files
     return model_pb2.ModelInfo(
         name=model.name, aliases=model.aliases, source=files.source, is_default=model.is_default,
-        tasks=[_TASKS[t] for t in model.tasks], default_task=_TASKS[model.tasks[0]],
-        dimensions=model.hidden_size, matryoshka_dimensions=files.matryoshka_dimensions,
+        tasks=[convert.wire_task(t) for t in model.tasks],
+        default_task=convert.wire_task(model.default_task), dimensions=model.embed_dimensions,
+        matryoshka_dimensions=files.matryoshka_dimensions,
         max_input_tokens=model.max_input_tokens, vocab_size=model.vocab_size,
         compute_dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
-        pooling_type=_POOLING[model.pooling_type], normalize_default=files.normalize,
+        pooling_type=_POOLING[model.pooling_type], normalize_default=model.normalize_default,
         prompts=files.prompts, default_prompt_name=files.default_prompt_name or "",
-        modalities=[common_pb2.MODALITY_TEXT], architecture=files.architecture,
-        implementation="poolsvc")
-
-
-def _not_yet(rpc: str, what: str):
-    message = (f"{rpc} is not available in this poolsvc version: {what} has not landed yet. "
-               "Embed, EmbedStream, Tokenize, ListModels and GetModelInfo work.")
-
-    async def handler(self, request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
-
-    return handler
-
-
-_SCORING = "sentence-pair scoring (cross-encoders and bi-encoder cosine)"
-
-
-class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
-    Classify = _not_yet("Classify", "sequence classification")
-    ClassifyStream = _not_yet("ClassifyStream", "sequence classification")
-
-
-class ScoreServicer(score_pb2_grpc.ScoreServiceServicer):
-    Score = _not_yet("Score", _SCORING)
-    ScoreStream = _not_yet("ScoreStream", _SCORING)
-    Rerank = _not_yet("Rerank", _SCORING)
-
-
-class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
-    Encode = _not_yet("Encode", "per-token pooling (token_embed, token_classify, reward)")
-    EncodeStream = _not_yet("EncodeStream", "per-token pooling (token_embed, token_classify, "
-                            "reward)")
+        labels=model.labels, modalities=[common_pb2.MODALITY_TEXT],
+        architecture=files.architecture, implementation=model.implementation)

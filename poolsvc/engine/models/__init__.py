@@ -1,14 +1,41 @@
-"""One file per architecture; parameter names follow Hugging Face so one loader fills them all."""
+"""One file per architecture; parameter names follow Hugging Face so one loader fills them all.
+
+Architectures not listed here are served through transformers (models/hf_fallback.py)."""
 
 from __future__ import annotations
 
-from poolsvc.engine.models import bert
+from poolsvc.engine.models import bert, llama, qwen2, qwen3, roberta
 
-# Hugging Face `architectures[0]` -> (module, class name); the module builds it from config.json.
+# Hugging Face `architectures[0]` -> (module, class name); the class builds from config.json.
 ARCHITECTURES = {
     "BertModel": (bert, "BertModel"),
+    "BertForSequenceClassification": (bert, "BertForSequenceClassification"),
+    "RobertaModel": (roberta, "RobertaModel"),
+    "RobertaForSequenceClassification": (roberta, "RobertaForSequenceClassification"),
+    "XLMRobertaModel": (roberta, "XLMRobertaModel"),
+    "XLMRobertaForSequenceClassification": (roberta, "XLMRobertaForSequenceClassification"),
+    "LlamaModel": (llama, "LlamaModel"),
+    "LlamaForCausalLM": (llama, "LlamaModel"),
+    "LlamaForSequenceClassification": (llama, "LlamaForSequenceClassification"),
+    "MistralModel": (llama, "MistralModel"),
+    "MistralForCausalLM": (llama, "MistralModel"),
+    "MistralForSequenceClassification": (llama, "MistralForSequenceClassification"),
+    "Qwen2Model": (qwen2, "Qwen2Model"),
+    "Qwen2ForCausalLM": (qwen2, "Qwen2Model"),
+    "Qwen2ForSequenceClassification": (qwen2, "Qwen2ForSequenceClassification"),
+    "Qwen2ForRewardModel": (qwen2, "Qwen2ForRewardModel"),
+    "Qwen2ForProcessRewardModel": (qwen2, "Qwen2ForProcessRewardModel"),
+    "Qwen3Model": (qwen3, "Qwen3Model"),
+    "Qwen3ForCausalLM": (qwen3, "Qwen3Model"),
+    "Qwen3ForSequenceClassification": (qwen3, "Qwen3ForSequenceClassification"),
 }
 # `model_type` -> architecture, for configs without `architectures`.
 MODEL_TYPES = {
     "bert": "BertModel",
+    "roberta": "RobertaModel",
+    "xlm-roberta": "XLMRobertaModel",
+    "llama": "LlamaModel",
+    "mistral": "MistralModel",
+    "qwen2": "Qwen2Model",
+    "qwen3": "Qwen3Model",
 }

@@ -9,6 +9,7 @@ from torch import nn
 
 from poolsvc.engine.layers import activation, varlen_attention
 from poolsvc.engine.packing import PackedBatch
+from poolsvc.engine.params import PoolingType
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class BertConfig:
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-12
     position_embedding_type: str = "absolute"
+    is_decoder: bool = False
 
     @classmethod
     def from_hf(cls, config: dict) -> BertConfig:
@@ -31,6 +33,8 @@ class BertConfig:
         if cfg.position_embedding_type != "absolute":
             raise ValueError(f"position_embedding_type {cfg.position_embedding_type!r} is not "
                              "supported (absolute only)")
+        if cfg.is_decoder:
+            raise ValueError("is_decoder=true (causal attention) is not supported for encoders")
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         return cfg
@@ -120,6 +124,7 @@ class BertModel(nn.Module):
     # Checkpoints of task models (BertForSequenceClassification, ...) nest the body under "bert.".
     weight_prefix = "bert."
     position_offset = 0
+    default_pooling = PoolingType.CLS
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -129,7 +134,11 @@ class BertModel(nn.Module):
 
     @classmethod
     def from_hf_config(cls, config: dict) -> BertModel:
-        return cls(BertConfig.from_hf(config))
+        return cls(cls.parse_config(config))
+
+    @classmethod
+    def parse_config(cls, config: dict) -> BertConfig:
+        return BertConfig.from_hf(config)
 
     @property
     def hidden_size(self) -> int:
@@ -145,3 +154,45 @@ class BertModel(nn.Module):
             x = layer(x, batch)
         return x
 
+
+def num_labels_of(config: dict) -> int:
+    """config.json keeps `id2label`, rarely `num_labels`; transformers defaults to 2 labels."""
+    if "num_labels" in config:
+        num_labels = int(config["num_labels"])
+    else:
+        num_labels = len(config.get("id2label") or {}) or 2
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be at least 1, got {num_labels}")
+    return num_labels
+
+
+class BertPooler(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(pooled))
+
+
+class BertForSequenceClassification(BertModel):
+    """The body's forward; `head` turns pooled [CLS] states into logits."""
+
+    head_pooling = PoolingType.CLS
+
+    def __init__(self, cfg: BertConfig, num_labels: int):
+        super().__init__(cfg)
+        # HF stores these as bert.pooler.dense.* (the body prefix is stripped) and classifier.*
+        self.pooler = BertPooler(cfg)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> BertForSequenceClassification:
+        return cls(cls.parse_config(config), num_labels_of(config))
+
+    @property
+    def num_labels(self) -> int:
+        return self.classifier.out_features
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooler(pooled))  # [rows, num_labels]

@@ -1,0 +1,89 @@
+"""Any other Hugging Face encoder or decoder body, through transformers' AutoModel.
+
+Correct rather than fast: the packed batch is padded for the model and unpadded after it, so
+the rest of the engine (pooling, heads, batching) is the same as for the packed models.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from poolsvc.engine.errors import ModelLoadError
+from poolsvc.engine.loader import ModelFiles
+from poolsvc.engine.packing import PackedBatch
+from poolsvc.engine.params import PoolingType
+
+# Architecture suffixes whose body AutoModel loads; the LM heads they carry are not needed.
+_BODY_SUFFIXES = ("Model", "ForMaskedLM", "ForCausalLM", "ForPreTraining")
+
+
+class TransformersModel(nn.Module):
+    weight_prefix = ""
+    position_offset = 0  # the wrapped model numbers positions itself
+
+    def __init__(self, model: nn.Module, causal: bool):
+        super().__init__()
+        self.model = model
+        self.default_pooling = PoolingType.LAST if causal else PoolingType.CLS
+        self._takes_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
+        config = model.config
+        embeddings = getattr(model, "embeddings", None)
+        padding_idx = getattr(getattr(embeddings, "position_embeddings", None), "padding_idx", None)
+        # RoBERTa-style models count positions from padding_idx + 1.
+        offset = padding_idx + 1 if isinstance(padding_idx, int) else 0
+        limit = getattr(config, "max_position_embeddings", None) or 1 << 20
+        self._max_positions = limit - offset
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self._max_positions
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        num_seqs, width = batch.num_seqs, batch.max_seqlen
+        starts = batch.cu_seqlens[:-1].long()
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(num_seqs, device=starts.device), lengths,
+                                      output_size=batch.num_tokens)
+        flat = seq * width + (torch.arange(batch.num_tokens, device=starts.device) - starts[seq])
+        ids = batch.input_ids.new_zeros(num_seqs * width)
+        ids[flat] = batch.input_ids
+        mask = torch.zeros(num_seqs * width, dtype=torch.long, device=ids.device)
+        mask[flat] = 1
+        inputs = {"input_ids": ids.view(num_seqs, width),
+                  "attention_mask": mask.view(num_seqs, width)}
+        if self._takes_token_types:
+            types = batch.token_type_ids.new_zeros(num_seqs * width)
+            types[flat] = batch.token_type_ids
+            inputs["token_type_ids"] = types.view(num_seqs, width)
+        hidden = self.model(**inputs).last_hidden_state  # [num_seqs, width, hidden]
+        return hidden.reshape(num_seqs * width, -1)[flat]  # [num_tokens, hidden]
+
+
+def load(files: ModelFiles, allow_pickle: bool) -> TransformersModel:
+    if not files.architecture.endswith(_BODY_SUFFIXES):
+        raise ModelLoadError(
+            f"{files.path}: architecture {files.architecture or '(none)'} has a task head poolsvc "
+            "does not implement; bodies of any architecture (…Model, …ForMaskedLM, …ForCausalLM) "
+            "are served through transformers")
+    try:
+        from transformers import AutoModel
+        model, info = AutoModel.from_pretrained(
+            str(files.path), trust_remote_code=False, dtype=torch.float32,
+            use_safetensors=None if allow_pickle else True, output_loading_info=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{files.path}: transformers cannot load {files.architecture}: "
+                             f"{exc}") from exc
+    if missing := sorted(info.get("missing_keys") or []):
+        # transformers would run them randomly initialized: never serve that
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ModelLoadError(f"{files.path}: weights missing from the checkpoint: {shown}")
+    causal = files.architecture.endswith("ForCausalLM") or bool(
+        getattr(model.config, "is_decoder", False))
+    return TransformersModel(model.eval(), causal)
