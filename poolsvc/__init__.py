@@ -8,4 +8,7 @@ def __getattr__(name: str):
     if name == "LLM":
         from poolsvc.engine.llm import LLM
         return LLM
+    if name == "PoolingParams":
+        from poolsvc.engine.params import PoolingParams
+        return PoolingParams
     raise AttributeError(f"module 'poolsvc' has no attribute {name!r}")

@@ -81,3 +81,150 @@ def st_pipeline(directory: Path, body: Path, pooling_mode: str,
         modules.append(Normalize())
     SentenceTransformer(modules=modules, device="cpu").save(str(directory))
     return directory
+
+
+# --- task checkpoints with their own tokenizers ---------------------------------------------------
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "What is the capital of France?",
+    "Paris is the capital and largest city of France.", "A cat is a small feline.",
+    "Step 1: add two and two. Step 2: the answer is four.", "Embeddings map text to vectors.",
+    "東京は日本の首都です。", "مرحبا بالعالم", "café naïve façade 🚀",
+] * 20
+
+
+def bpe_tokenizer(directory: Path, style: str) -> int:
+    """A byte-level BPE tokenizer trained on a small corpus, saved as transformers would.
+
+    style "roberta": <s> A </s></s> B </s> (XLM-R / RoBERTa, pad id 1). style "decoder": the text
+    then an end-of-text token, as Qwen3-Embedding and e5-mistral tokenizers append one.
+    Returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if style == "roberta":
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    else:
+        specials = ["<|endoftext|>", "<|pad|>", "<step>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    if style == "roberta":
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       sep_token="</s>", cls_token="<s>", pad_token="<pad>",
+                                       unk_token="<unk>", mask_token="<mask>",
+                                       model_input_names=["input_ids", "attention_mask"])
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1",
+            special_tokens=[("<|endoftext|>", 0)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                       pad_token="<|pad|>",
+                                       model_input_names=["input_ids", "attention_mask"])
+    fast.save_pretrained(directory)
+    return tok.get_vocab_size()
+
+
+def _perturb(model: torch.nn.Module, scale: float = 0.1) -> None:
+    """Norm weights away from one and heads large enough that a wrong head is visible."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower():
+                p.add_(torch.randn_like(p) * scale)
+            elif any(k in name for k in ("classifier", "score", "pooler")):
+                p.mul_(20)
+
+
+def xlmr_classifier(directory: Path, num_labels: int = 1, seed: int = 0,
+                    activation_fn: str | None = None) -> Path:
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = bpe_tokenizer(directory, "roberta")
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(vocab_size=vocab, hidden_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=96,
+                              max_position_embeddings=130, type_vocab_size=1,
+                              pad_token_id=1, num_labels=num_labels)
+    if activation_fn:
+        config.sentence_transformers = {"activation_fn": activation_fn}
+    model = XLMRobertaForSequenceClassification(config).eval()
+    _perturb(model)
+    model.save_pretrained(directory)
+    return directory
+
+
+def bert_classifier(directory: Path, minilm_path: Path, num_labels: int, seed: int = 0,
+                    **config_kw) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=96, max_position_embeddings=128,
+                        num_labels=num_labels, **config_kw)
+    model = BertForSequenceClassification(config).eval()
+    _perturb(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_path / name, directory / name)
+    return directory
+
+
+DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
+
+
+def decoder(directory: Path, family: str, task: str = "Model", seed: int = 0, **config_kw) -> Path:
+    """A tiny `transformers` decoder (family "Qwen2", "Qwen3", "Mistral", "Llama"; task "Model",
+    "ForCausalLM" or "ForSequenceClassification") with a byte-level BPE tokenizer."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = bpe_tokenizer(directory, "decoder")
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{family}Config")(vocab_size=vocab, pad_token_id=1,
+                                                      **DECODER, **config_kw)
+    model = getattr(transformers, f"{family}{task}")(config).eval()
+    _perturb(model)
+    model.save_pretrained(directory)
+    return directory
+
+
+def qwen2_reward(directory: Path, num_labels: int, architecture: str, seed: int = 0) -> Path:
+    """The layout of Qwen2.5-Math-RM / -PRM (not in transformers): a Qwen2 body under "model."
+    and a Linear-ReLU-Linear head on every token, named score.0 / score.2."""
+    import transformers
+    from safetensors.torch import save_file
+
+    body = decoder(directory, "Qwen2", seed=seed)
+    state = {f"model.{k}": v for k, v in
+             transformers.Qwen2Model.from_pretrained(body).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed + 1)
+    hidden = DECODER["hidden_size"]
+    state["score.0.weight"] = torch.randn(hidden, hidden, generator=generator) * 0.3
+    state["score.0.bias"] = torch.randn(hidden, generator=generator) * 0.3
+    state["score.2.weight"] = torch.randn(num_labels, hidden, generator=generator) * 0.3
+    state["score.2.bias"] = torch.randn(num_labels, generator=generator) * 0.3
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    config = json.loads((directory / "config.json").read_text())
+    config.update(architectures=[architecture], num_labels=num_labels)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def reward_reference(directory: Path, ids: list[int]) -> torch.Tensor:
+    """transformers' Qwen2Model on one sequence, then the reward head: [len(ids), num_labels]."""
+    import transformers
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    body = transformers.Qwen2Model.from_pretrained(directory).eval()
+    with torch.no_grad():
+        hidden = body(torch.tensor([ids])).last_hidden_state[0]
+        x = torch.relu(hidden @ state["score.0.weight"].T + state["score.0.bias"])
+        return x @ state["score.2.weight"].T + state["score.2.bias"]

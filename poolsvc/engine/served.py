@@ -128,13 +128,16 @@ class ServedModel:
 
     @property
     def pooling_type(self) -> PoolingType:
-        """The pooling of sequence tasks (embed, classify, score)."""
+        """The pooling of sequence tasks (embed, classify, score); a reward model's per-token
+        pooling, since it serves no sequence task."""
+        if self.kind is Kind.REWARD:
+            return self.token_pooling
         configured = self.pooler_config.pooling_type
         if configured is not None and not configured.per_token:
             return configured
         if self.kind is Kind.EMBEDDING:
             return self.files.pooling_type or self.module.default_pooling
-        return self.module.head_pooling if self.kind is Kind.CLASSIFIER else PoolingType.LAST
+        return self.module.head_pooling
 
     @property
     def token_pooling(self) -> PoolingType:

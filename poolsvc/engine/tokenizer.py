@@ -15,17 +15,25 @@ _SIDE = {TruncationSide.RIGHT: "right", TruncationSide.LEFT: "left"}
 
 
 def load_hf_tokenizer(path: Path, lowercase: bool) -> Tokenizer:
-    """The fast tokenizer of a model directory, with padding and truncation switched off."""
-    file = path / "tokenizer.json"
-    if file.is_file():
+    """The model's fast tokenizer as transformers builds it, with padding and truncation off.
+
+    transformers, not tokenizer.json alone, is the reference: for known model types it rebuilds
+    parts of the pipeline (Qwen2's pre-tokenizer, say) from its own class, and users compare
+    against what AutoTokenizer does. tokenizer.json is read directly only when transformers
+    cannot load the directory.
+    """
+    try:
+        from transformers import AutoTokenizer
+        hf = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        if not hf.is_fast:
+            raise ValueError("no fast tokenizer")
+        tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    except Exception as exc:
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise ModelLoadError(f"{path} has no usable tokenizer (no tokenizer.json, and "
+                                 f"transformers could not build a fast one: {exc})") from exc
         tok = Tokenizer.from_file(str(file))
-    else:
-        try:  # slow-only checkpoints: let transformers convert them
-            from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(str(path)).backend_tokenizer
-        except Exception as exc:
-            raise ModelLoadError(f"{path} has no tokenizer.json and transformers could not build a "
-                                 f"fast tokenizer from it: {exc}") from exc
     tok.no_padding()
     tok.no_truncation()
     if lowercase:  # Sentence-Transformers' do_lower_case, done as it does: in the normalizer
