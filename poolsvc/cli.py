@@ -11,12 +11,23 @@ import sys
 from poolsvc.config import ConfigError, ServerConfig
 
 
+def _flag_type(parse):
+    """argparse shows a ConfigError's own message instead of 'invalid value'."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ServerConfig):
         meta = f.metadata
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         if "repeat" in meta:
-            parser.add_argument(flag, dest=f.name, action="append", type=meta["repeat"],
+            parser.add_argument(flag, dest=f.name, action="append", type=_flag_type(meta["repeat"]),
                                 metavar=meta.get("metavar"), help=meta["help"])
         elif isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])

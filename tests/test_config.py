@@ -8,7 +8,15 @@ import re
 import pytest
 
 from poolsvc.cli import build_parser, config_from_args
-from poolsvc.config import BUNDLED_MODEL, ConfigError, ModelSpec, ServerConfig
+from poolsvc.config import (
+    BUNDLED_MODEL,
+    ConfigError,
+    ModelSpec,
+    PoolerConfig,
+    PoolerOverride,
+    ServerConfig,
+)
+from poolsvc.engine.params import PoolingType
 
 
 def parse(*argv: str) -> ServerConfig:
@@ -60,3 +68,29 @@ def test_model_names():
         ModelSpec.parse("bad name=/x")
     with pytest.raises(ConfigError, match="needs a directory"):
         ModelSpec.parse("name=")
+
+
+@pytest.mark.parametrize("value,message", [
+    ("{not json", "--pooler-config is not JSON"),
+    ("[1]", "must be a JSON object"),
+    ('{"pooling": "MEAN"}', "unknown keys ['pooling']"),
+    ('{"pooling_type": "AVERAGE"}', "pooling_type 'AVERAGE' is not one of"),
+    ('{"normalize": "yes"}', "normalize must be true or false"),
+    ('{"step_tag_id": -3}', "step_tag_id must be a positive integer"),
+    ('{"returned_token_ids": []}', "returned_token_ids must be a list of token ids"),
+])
+def test_pooler_config_errors_are_usage_errors(value, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse("--pooler-config", value)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pooler_config_per_model():
+    cfg = parse("--model", "a=/x", "--model", "b=/y", "--pooler-config", '{"normalize": false}',
+                "--pooler-config", 'b={"pooling_type": "mean", "normalize": true}')
+    assert cfg.pooler_config("a") == PoolerConfig(normalize=False)
+    assert cfg.pooler_config("b") == PoolerConfig(pooling_type=PoolingType.MEAN, normalize=True)
+    with pytest.raises(ConfigError, match="names model 'c', which is not served"):
+        ServerConfig(models=(ModelSpec("/x", "a"),),
+                     pooler_configs=(PoolerOverride.parse('c={"normalize": true}'),))
