@@ -7,16 +7,14 @@ sequence alone.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
+from tiny_models import load_ours
 from torch import nn
 
-from poolsvc.engine.loader import fill_weights, load_state_dict
+from poolsvc.engine.loader import load_state_dict
 from poolsvc.engine.models.llama import (
     LlamaForSequenceClassification,
     LlamaModel,
@@ -83,15 +81,6 @@ def hf_model(family: str, kind: str, seed: int = 0, **overrides) -> nn.Module:
     config = getattr(transformers, f"{family}Config")(**{**TINY, **overrides})
     return randomize(getattr(transformers, f"{family}{kind}")(config), seed)
 
-
-def load_ours(cls, directory: Path) -> nn.Module:
-    """As poolsvc/engine/served.py: no init, built on meta, then every parameter filled."""
-    config = json.loads((directory / "config.json").read_text())
-    with torch.device("meta"):
-        module = cls.from_hf_config(config)
-    module = module.to_empty(device="cpu")
-    fill_weights(module, load_state_dict(directory, allow_pickle=False), directory)
-    return module.eval()
 
 
 def token_ids(lens=LENS, seed: int = 0) -> list[list[int]]:

@@ -7,14 +7,12 @@ and compares with transformers running each sequence alone.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import transformers
+from tiny_models import load_ours
 
 from poolsvc.engine.errors import ModelLoadError
-from poolsvc.engine.loader import fill_weights, load_state_dict
 from poolsvc.engine.models.bert import BertForSequenceClassification, BertModel
 from poolsvc.engine.models.roberta import (
     RobertaForSequenceClassification,
@@ -46,14 +44,6 @@ def save_hf(directory, hf_class, config, seed, **init):
     model.save_pretrained(directory)
     return model
 
-
-def load_ours(cls, directory):
-    config = json.loads((directory / "config.json").read_text())
-    with torch.device("meta"):
-        module = cls.from_hf_config(config)
-    module = module.to_empty(device="cpu")
-    fill_weights(module, load_state_dict(directory, allow_pickle=False), directory)
-    return module.eval()
 
 
 def random_sequences(max_positions, seed, pairs):

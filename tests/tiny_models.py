@@ -228,3 +228,10 @@ def reward_reference(directory: Path, ids: list[int]) -> torch.Tensor:
         hidden = body(torch.tensor([ids])).last_hidden_state[0]
         x = torch.relu(hidden @ state["score.0.weight"].T + state["score.0.bias"])
         return x @ state["score.2.weight"].T + state["score.2.bias"]
+
+
+def load_ours(cls, directory: Path) -> torch.nn.Module:
+    """One of poolsvc's model classes loaded from `directory` exactly as the server does."""
+    from poolsvc.engine.served import build_packed
+    config = json.loads((directory / "config.json").read_text())
+    return build_packed(cls, config, directory, allow_pickle=False).eval()

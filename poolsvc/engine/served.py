@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -242,14 +243,22 @@ def _build_module(files: ModelFiles, allow_pickle: bool):
         return hf_fallback.load(files, allow_pickle), "transformers"
     module_file, class_name = entry
     try:
-        with torch.device("meta"):  # no random init: every parameter is filled from the checkpoint
-            module = getattr(module_file, class_name).from_hf_config(files.hf_config)
+        module = build_packed(getattr(module_file, class_name), files.hf_config, files.path,
+                              allow_pickle)
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{files.path}/config.json does not describe a usable "
                              f"{files.architecture}: {exc}") from exc
-    module = module.to_empty(device="cpu")
-    fill_weights(module, load_state_dict(files.path, allow_pickle), files.path)
     return module, "poolsvc"
+
+
+def build_packed(cls, hf_config: dict, path: Path, allow_pickle: bool) -> torch.nn.Module:
+    """One of our model classes with the checkpoint's weights, on the CPU. Built on the meta
+    device: no random init, and every parameter must then come from the checkpoint."""
+    with torch.device("meta"):
+        module = cls.from_hf_config(hf_config)
+    module = module.to_empty(device="cpu")
+    fill_weights(module, load_state_dict(path, allow_pickle), path)
+    return module
 
 
 def load_served_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
