@@ -75,8 +75,10 @@ def sync(device: str) -> None:
 
 
 def run_st(model_path: str, texts: list[str], device: str, dtype: str) -> float:
+    """The baseline: float32 on the CPU (what users run there), the same dtype on a GPU."""
     from sentence_transformers import SentenceTransformer
-    kwargs = {} if dtype in ("auto", "float32") else {"model_kwargs": {"dtype": getattr(torch, dtype)}}
+    half = device.startswith("cuda") and dtype not in ("auto", "float32")
+    kwargs = {"model_kwargs": {"dtype": getattr(torch, dtype)}} if half else {}
     st = SentenceTransformer(model_path, device=device, **kwargs)
     st.encode(texts[:64], batch_size=32)  # warm-up
     sync(device)
@@ -183,6 +185,9 @@ def main() -> None:
         row(name, "sentence-transformers encode", seconds, len(texts), tokens[name])
         row(name, "poolsvc offline LLM.embed", offline, len(texts), tokens[name],
             baseline=st_rate[name])
+    accuracy = {}
+    if args.quantize or args.dtype not in ("auto", "float32"):
+        accuracy = fidelity(llm, model_path, args, workloads)
     offline_latency = []
     for _ in range(args.latency_samples + 5):
         start = time.perf_counter()
@@ -225,11 +230,30 @@ def main() -> None:
               f"{percentile(values, 99) * 1e3:7.2f}")
     gap = (statistics.median(idle_latency) - statistics.median(offline_latency)) * 1e3
     print(f"  gRPC minus offline, p50: {gap:.2f} ms")
-    results.update(rows=rows, latency_ms={k: {"p50": percentile(v, 50) * 1e3,
-                                              "p99": percentile(v, 99) * 1e3}
-                                          for k, v in latency.items()})
+    for name, (low, mean) in accuracy.items():
+        print(f"Cosine to float32, {name}: min {low:.5f}, mean {mean:.5f}")
+    latency_ms = {k: {"p50": percentile(v, 50) * 1e3, "p99": percentile(v, 99) * 1e3}
+                  for k, v in latency.items()}
+    results.update(rows=rows, cosine_to_float32=accuracy, latency_ms=latency_ms)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def fidelity(llm, model_path: str, args, workloads: dict) -> dict[str, tuple[float, float]]:
+    """(min, mean) cosine between this configuration's embeddings and float32's, per workload."""
+    import numpy as np
+
+    from poolsvc import LLM
+    reference = LLM(model_path, device=args.device, dtype="float32", threads=args.threads)
+    out = {}
+    for name, texts in workloads.items():
+        a = np.array([o.outputs.embedding for o in llm.embed(texts, truncate_prompt_tokens=-1)])
+        b = np.array([o.outputs.embedding for o in
+                      reference.embed(texts, truncate_prompt_tokens=-1)])
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        out[name] = (float(cos.min()), float(cos.mean()))
+    reference.close()
+    return out
 
 
 def machine(args) -> str:

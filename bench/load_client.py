@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import grpc
+from poolsvc_client import decode_tensor
 
 from poolsvc.gen.v1 import common_pb2, embed_pb2, embed_pb2_grpc
-from poolsvc_client import decode_tensor
 
 
 def requests(texts: list[str], batch: int) -> list[embed_pb2.EmbedRequest]:

@@ -150,6 +150,9 @@ class ServerConfig:
     max_batch_tokens: int = _opt("token budget of one device batch (inputs are packed, so this "
                                  "counts real tokens, not padding)", default=16384)
     max_batch_inputs: int = _opt("most inputs in one device batch", default=512)
+    quantize: str = _opt("int8: int8 dynamic quantization of the linear layers (CPU only; "
+                         "accuracy and speed in docs/benchmarks.md)", default="none",
+                         meta={"choices": ("none", "int8")})
     auto_truncate: bool = _opt("truncate over-long inputs when a request does not say; without "
                                "it they are rejected with INVALID_ARGUMENT", default=False)
     allow_pickle_weights: bool = _opt(
@@ -158,6 +161,9 @@ class ServerConfig:
     threads: int = _opt("torch CPU threads (0: one per core)", default=0)
     tokenizer_workers: int = _opt("threads tokenizing requests off the event loop (0: one per "
                                   "core)", default=0)
+    max_concurrent_requests: int = _opt(
+        "requests admitted at once (unary calls and stream items alike); past it requests are "
+        "refused with RESOURCE_EXHAUSTED instead of queueing without bound", default=1024)
     max_stream_inflight: int = _opt("requests of one stream being processed at once; further "
                                     "requests wait in flow control", default=64)
     max_message_bytes: int = _opt("largest request or response message", default=64 << 20)
@@ -177,9 +183,12 @@ class ServerConfig:
                                   f"not served; served: {', '.join(names)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
+        if self.quantize not in ("none", "int8"):
+            raise ConfigError(f"--quantize must be none or int8, got {self.quantize!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_tokens", "max_batch_inputs", "max_stream_inflight",
+                     "max_concurrent_requests",
                      "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

@@ -183,6 +183,7 @@ def test_the_status_table():
         errors.OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
         errors.UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
         errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+        errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 
     class TooLong(errors.InvalidInputError):

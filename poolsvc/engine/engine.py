@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Encoding
 
 from poolsvc.config import ConfigError, ServerConfig
 from poolsvc.engine import tasks
-from poolsvc.engine.errors import InvalidInputError, ModelNotFoundError, UnavailableError
+from poolsvc.engine.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import PoolingParams, PromptOptions, Task, Truncation
 from poolsvc.engine.request import Plan, Request, now_ns
@@ -25,6 +33,15 @@ log = logging.getLogger(__name__)
 # An input is text, or token ids from the model's tokenizer.
 Prompt = str | Seq[int]
 _NO_PROMPT = PromptOptions()
+
+
+@dataclass(frozen=True)
+class Clock:
+    """When a request arrived (for its timing) and when its caller stops waiting (None: never;
+    work still queued then is dropped, not computed)."""
+
+    arrival_ns: int = field(default_factory=now_ns)
+    deadline_ns: int | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,6 +69,8 @@ class Engine:
         self._served: list[ServedModel] = []        # the default first
         self._queue = WorkQueue(config.max_batch_tokens, config.max_batch_inputs)
         self._runner = ModelRunner(self._queue)
+        self._in_flight = 0  # requests admitted and not yet answered
+        self._admission = threading.Lock()
         self.ready = False
 
     def start(self) -> None:
@@ -63,7 +82,8 @@ class Engine:
         for i, spec in enumerate(self.config.models):
             model = load_served_model(spec, device, dtype, self.config.allow_pickle_weights,
                                       is_default=i == 0,
-                                      pooler_config=self.config.pooler_config(spec.name))
+                                      pooler_config=self.config.pooler_config(spec.name),
+                                      quantize=self.config.quantize)
             if model.max_input_tokens > self.config.max_batch_tokens:
                 raise ConfigError(
                     f"--max-batch-tokens {self.config.max_batch_tokens} is below {model.name}'s "
@@ -75,11 +95,12 @@ class Engine:
         self._runner.start()
         self.ready = True
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Stops taking requests; the runner finishes what is queued, then exits."""
+    def shutdown(self, discard: bool = False) -> None:
+        """Stops taking requests. The runner finishes what is queued, or with `discard` only the
+        batch on the device (its callers are gone), then its threads exit."""
         self.ready = False
-        self._queue.close()
-        self._runner.join(timeout)
+        self._queue.close(discard)
+        self._runner.join()
 
     def models(self) -> list[ServedModel]:
         return list(self._served)
@@ -100,9 +121,9 @@ class Engine:
 
     def embed(self, model_name: str, inputs: Seq[Prompt], params: PoolingParams = PoolingParams(),
               truncation: Truncation = Truncation(), prompt: PromptOptions = _NO_PROMPT,
-              arrival_ns: int | None = None) -> Future:
+              clock: Clock | None = None) -> Future:
         """Future of an EmbedOutput. Validation errors raise here, before anything is queued."""
-        arrival_ns = arrival_ns or now_ns()
+        clock = clock or Clock()
         model = self._model_for(model_name, Task.EMBED)
         _reject(params, activation="embed")
         _check_dimensions(model, params.dimensions)
@@ -111,28 +132,28 @@ class Engine:
                     dimensions=params.dimensions, out_dtype=params.out_dtype)
         chunk = model.pooler_config.enable_chunked_processing
         token_ids = self._tokenize(model, inputs, truncation, prompt, chunked=chunk)
-        return self._submit(model, plan, token_ids, None, arrival_ns,
+        return self._submit(model, plan, token_ids, None, clock,
                             chunk_size=model.max_input_tokens if chunk else None)
 
     def classify(self, model_name: str, inputs: Seq[Prompt],
                  params: PoolingParams = PoolingParams(), truncation: Truncation = Truncation(),
-                 prompt: PromptOptions = _NO_PROMPT, arrival_ns: int | None = None) -> Future:
+                 prompt: PromptOptions = _NO_PROMPT, clock: Clock | None = None) -> Future:
         """Future of a ClassifyOutput."""
-        arrival_ns = arrival_ns or now_ns()
+        clock = clock or Clock()
         model = self._model_for(model_name, Task.CLASSIFY)
         _reject(params, normalize="classify", dimensions="classify")
         plan = Plan(Task.CLASSIFY, model.pooler(Task.CLASSIFY), tasks.finish_classify,
                     activation=model.activation(Task.CLASSIFY, params.activation),
                     out_dtype=params.out_dtype)
         token_ids = self._tokenize(model, inputs, truncation, prompt)
-        return self._submit(model, plan, token_ids, None, arrival_ns)
+        return self._submit(model, plan, token_ids, None, clock)
 
     def score(self, model_name: str, queries: Seq[Prompt], documents: Seq[Prompt],
               params: PoolingParams = PoolingParams(), truncation: Truncation = Truncation(),
-              arrival_ns: int | None = None) -> Future:
+              clock: Clock | None = None) -> Future:
         """Future of a ScoreOutput: a cross-encoder's score of each pair, or the cosine of the
         two embeddings for embedding models. Pairs are 1:N, N:1 or N:N (zipped)."""
-        arrival_ns = arrival_ns or now_ns()
+        clock = clock or Clock()
         model = self._model_for(model_name, Task.SCORE)
         _reject(params, normalize="score", dimensions="score")
         pairs = _pairs(len(queries), len(documents))
@@ -141,7 +162,7 @@ class Engine:
             plan = Plan(Task.SCORE, model.pooler(Task.SCORE), tasks.finish_cosine_score,
                         normalize=True, pairs=tuple((q, n + d) for q, d in pairs))
             token_ids = self._tokenize(model, [*queries, *documents], truncation, _NO_PROMPT)
-            return self._submit(model, plan, token_ids, None, arrival_ns)
+            return self._submit(model, plan, token_ids, None, clock)
         texts = [*queries, *documents]
         if not all(isinstance(t, str) for t in texts):
             raise InvalidInputError(f"cross-encoder {model.name} scores text pairs: token-id "
@@ -153,14 +174,14 @@ class Engine:
                     activation=model.activation(Task.SCORE, params.activation))
         return self._submit(model, plan, [e.ids for e in encodings],
                             [e.type_ids for e in encodings] if model.uses_token_types else None,
-                            arrival_ns)
+                            clock)
 
     def encode(self, model_name: str, inputs: Seq[Prompt], task: Task | None = None,
                params: PoolingParams = PoolingParams(), truncation: Truncation = Truncation(),
-               prompt: PromptOptions = _NO_PROMPT, arrival_ns: int | None = None) -> Future:
+               prompt: PromptOptions = _NO_PROMPT, clock: Clock | None = None) -> Future:
         """Future of an EncodeOutput: the raw output of `task` (default: the model's per-token
         task) per input."""
-        arrival_ns = arrival_ns or now_ns()
+        clock = clock or Clock()
         model = self._ready_model(model_name)
         task = task or model.default_task
         model.check_task(task)
@@ -179,7 +200,7 @@ class Engine:
                         out_dtype=params.out_dtype,
                         returned_token_ids=model.pooler_config.returned_token_ids)
         token_ids = self._tokenize(model, inputs, truncation, prompt)
-        return self._submit(model, plan, token_ids, None, arrival_ns)
+        return self._submit(model, plan, token_ids, None, clock)
 
     def tokenize(self, model_name: str, texts: Seq[str], truncation: Truncation = Truncation(),
                  prompt: PromptOptions = _NO_PROMPT, add_special_tokens: bool = True,
@@ -206,12 +227,39 @@ class Engine:
         return model
 
     def _submit(self, model: ServedModel, plan: Plan, token_ids: list[list[int]],
-                token_type_ids: list[list[int]] | None, arrival_ns: int,
+                token_type_ids: list[list[int]] | None, clock: Clock,
                 chunk_size: int | None = None) -> Future:
+        tokenized = now_ns()
+        if clock.deadline_ns is not None and clock.deadline_ns <= tokenized:
+            raise DeadlineExceededError("the deadline passed during tokenization; nothing was "
+                                        "computed")
+        with self._admission:
+            limit = self.config.max_concurrent_requests
+            if self._in_flight >= limit:
+                raise OverloadedError(
+                    f"{self._in_flight} requests are in flight, the server's limit "
+                    f"(--max-concurrent-requests {limit}); retry with backoff or on another "
+                    "replica")
+            self._in_flight += 1
         req = Request(model=model, plan=plan, token_ids=token_ids, token_type_ids=token_type_ids,
-                      arrival_ns=arrival_ns, tokenized_ns=now_ns(), chunk_size=chunk_size)
-        self._queue.put(req.sequences())
+                      arrival_ns=clock.arrival_ns, tokenized_ns=tokenized, chunk_size=chunk_size,
+                      deadline_ns=clock.deadline_ns)
+        req.future.add_done_callback(self._release)
+        try:
+            self._queue.put(req.sequences())
+        except BaseException:
+            req.future.cancel()
+            raise
         return req.future
+
+    def _release(self, _future: Future) -> None:
+        with self._admission:
+            self._in_flight -= 1
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since start: batches, sequences, tokens run; expired sequences dropped."""
+        return {**self._queue.stats, "in_flight": self._in_flight}
 
     def _tokenize(self, model: ServedModel, inputs: Seq[Prompt], truncation: Truncation,
                   prompt: PromptOptions, chunked: bool = False) -> list[list[int]]:

@@ -17,6 +17,10 @@ class OverloadedError(EngineError):
     """A capacity limit is reached; retrying later may succeed."""
 
 
+class DeadlineExceededError(EngineError):
+    """The caller's deadline passed before the work could run; it was dropped, not computed."""
+
+
 class UnsupportedError(EngineError):
     """The server does not implement what the request asks for."""
 

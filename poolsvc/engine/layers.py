@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from poolsvc.engine.packing import PackedBatch
+from poolsvc.engine.packing import AttentionBucket, PackedBatch
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -65,9 +65,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim] with kv_heads
     dividing heads (grouped-query attention); returns [num_tokens, heads, head_dim]. On CUDA this
-    is flash varlen attention; elsewhere the sequences are scattered into a padded
-    [num_seqs, heads, max_seqlen, head_dim] block for SDPA with a padding mask, since CPU SDPA has
-    no varlen form.
+    is flash varlen attention. CPU SDPA has no varlen form: sequences of similar length are
+    padded together (the batch's buckets), so padding costs at most BUCKET_SLACK.
     """
     num_tokens, heads, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
@@ -77,22 +76,30 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
         return varlen(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
                       batch.max_seqlen, scale=scale, enable_gqa=gqa,
                       **(causal_kw if causal else {}))
-    num_seqs, max_seqlen = batch.num_seqs, batch.max_seqlen
-    if num_seqs == 1:  # nothing to pad
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale,
-            is_causal=causal, enable_gqa=gqa)
-        return out.transpose(0, 1)
+    out = torch.empty_like(q)
+    for bucket in batch.buckets:
+        out.index_copy_(0, bucket.rows, _bucket_attention(q, k, v, bucket, causal, scale, gqa))
+    return out
 
-    def pad(x):  # [num_tokens, h, d] -> [num_seqs, h, max_seqlen, d]
-        out = x.new_zeros(num_seqs * max_seqlen, x.shape[1], head_dim)
-        out[batch.pad_index] = x
-        return out.view(num_seqs, max_seqlen, x.shape[1], head_dim).transpose(1, 2)
 
-    mask = batch.key_mask  # [num_seqs, 1, 1, max_seqlen]
-    if causal:
-        mask = mask & torch.ones(max_seqlen, max_seqlen, dtype=torch.bool,
-                                 device=q.device).tril()
+def _bucket_attention(q, k, v, bucket: AttentionBucket, causal: bool, scale: float,
+                      gqa: bool) -> torch.Tensor:
+    """SDPA over one bucket's sequences padded to [num_seqs, heads, max_seqlen, head_dim];
+    returns their rows in bucket order."""
+    num_seqs, width, head_dim = bucket.num_seqs, bucket.max_seqlen, q.shape[2]
+
+    def pad(x):  # [num_tokens, h, d] -> [num_seqs, h, width, d]
+        rows = x.index_select(0, bucket.rows)
+        if bucket.key_mask is None:  # equal lengths: a reshape, no padding
+            return rows.view(num_seqs, width, x.shape[1], head_dim).transpose(1, 2)
+        out = x.new_zeros(num_seqs * width, x.shape[1], head_dim)
+        out[bucket.pad_index] = rows
+        return out.view(num_seqs, width, x.shape[1], head_dim).transpose(1, 2)
+
+    mask = bucket.key_mask
+    if causal and mask is not None:
+        mask = mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=scale,
-                                         enable_gqa=gqa)
-    return out.transpose(1, 2).reshape(num_seqs * max_seqlen, heads, head_dim)[batch.pad_index]
+                                         is_causal=causal and mask is None, enable_gqa=gqa)
+    out = out.transpose(1, 2).reshape(num_seqs * width, q.shape[1], head_dim)
+    return out if bucket.key_mask is None else out[bucket.pad_index]

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate
 
 import numpy as np
 import torch
+
+# CPU attention pads sequences of similar length together; a bucket may waste this fraction.
+BUCKET_SLACK = 0.1
+
+
+@dataclass(frozen=True)
+class AttentionBucket:
+    """Sequences attended together on the CPU, padded to the longest of them.
+
+    `rows` are their packed rows, in bucket order; `pad_index` places those rows in a
+    [num_seqs * max_seqlen] block; `key_mask` ([num_seqs, 1, 1, max_seqlen] bool) is None when
+    every sequence has the same length (then there is no padding at all).
+    """
+
+    rows: torch.Tensor
+    pad_index: torch.Tensor
+    key_mask: torch.Tensor | None
+    num_seqs: int
+    max_seqlen: int
 
 
 @dataclass(frozen=True)
@@ -19,10 +39,15 @@ class PackedBatch:
     cu_seqlens: torch.Tensor       # [num_seqs + 1] int32, sequence i is rows cu[i]:cu[i+1]
     prompt_lens: tuple[int, ...]
     max_seqlen: int
-    # CPU attention only: packed row -> row of a [num_seqs * max_seqlen] padded block, and the
-    # key-padding mask of that block ([num_seqs, 1, 1, max_seqlen] bool).
-    pad_index: torch.Tensor | None
-    key_mask: torch.Tensor | None
+
+    @cached_property
+    def buckets(self) -> tuple[AttentionBucket, ...]:
+        """Padded attention groups, for devices without varlen attention; built on first use
+        and shared by every layer."""
+        cu = np.fromiter(accumulate(self.prompt_lens, initial=0), dtype=np.int64)
+        device = self.input_ids.device
+        return tuple(_bucket(members, self.prompt_lens, cu, device)
+                     for members in _group_by_length(self.prompt_lens))
 
     @property
     def num_seqs(self) -> int:
@@ -50,16 +75,41 @@ class PackedBatch:
         else:
             types = np.fromiter((i for t in token_type_ids for i in t), dtype=np.int64,
                                 count=num_tokens)
-        pad_index = key_mask = None
-        if device.type != "cuda" and len(lens) > 1:
-            pad_index = torch.from_numpy(seq_of_token * max_seqlen + positions).to(device)
-            key_mask = (torch.arange(max_seqlen)[None, :] < torch.tensor(lens)[:, None])
-            key_mask = key_mask[:, None, None, :].to(device)
 
         def dev(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(device, non_blocking=True)
+            host = torch.from_numpy(a)
+            if device.type == "cuda":  # page-locked, so the copy overlaps the running batch
+                host = host.pin_memory()
+            return host.to(device, non_blocking=True)
 
         return cls(input_ids=dev(ids), positions=dev(positions + position_offset),
                    token_type_ids=dev(types), cu_seqlens=dev(cu.astype(np.int32)),
-                   prompt_lens=tuple(lens), max_seqlen=max_seqlen, pad_index=pad_index,
-                   key_mask=key_mask)
+                   prompt_lens=tuple(lens), max_seqlen=max_seqlen)
+
+
+def _group_by_length(lens: tuple[int, ...]) -> list[list[int]]:
+    """Sequences sorted longest first, cut into groups whose padding stays within the slack."""
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * lens[group[0]] <= \
+                (1 + BUCKET_SLACK) * (sum(lens[j] for j in group) + lens[i]):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _bucket(members: list[int], lens: tuple[int, ...], cu: np.ndarray,
+            device: torch.device) -> AttentionBucket:
+    width = lens[members[0]]
+    rows = np.concatenate([np.arange(cu[i], cu[i + 1]) for i in members])
+    pad_index = np.concatenate([k * width + np.arange(lens[i]) for k, i in enumerate(members)])
+    key_mask = None
+    if any(lens[i] != width for i in members):
+        sizes = torch.tensor([lens[i] for i in members])
+        key_mask = (torch.arange(width)[None, :] < sizes[:, None])[:, None, None, :].to(device)
+    return AttentionBucket(rows=torch.from_numpy(rows).to(device),
+                           pad_index=torch.from_numpy(pad_index).to(device), key_mask=key_mask,
+                           num_seqs=len(members), max_seqlen=width)

@@ -45,6 +45,7 @@ class Request:
     arrival_ns: int
     tokenized_ns: int
     chunk_size: int | None = None             # split longer inputs into chunks of this size
+    deadline_ns: int | None = None            # dropped unrun once now_ns() passes it
     future: Future = field(default_factory=Future)
     started_ns: int = 0
     rows: list[torch.Tensor | None] = field(init=False)

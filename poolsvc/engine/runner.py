@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
+from queue import Queue
 
 import torch
 
 from poolsvc.engine.batcher import next_batch
-from poolsvc.engine.errors import UnavailableError
+from poolsvc.engine.errors import DeadlineExceededError, UnavailableError
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.request import Sequence, now_ns
 from poolsvc.engine.served import ServedModel
@@ -26,6 +27,8 @@ class WorkQueue:
         self._waiting: dict[str, deque[Sequence]] = {}
         self._cond = threading.Condition()
         self._closed = False
+        # batches, sequences and tokens run; expired: sequences dropped past their deadline
+        self.stats = Counter()
 
     def put(self, seqs: list[Sequence]) -> None:
         with self._cond:
@@ -41,44 +44,100 @@ class WorkQueue:
                 queues = [q for q in self._waiting.values() if q]
                 if queues:
                     oldest = min(queues, key=lambda q: q[0].request.tokenized_ns)
-                    batch = next_batch(oldest, self.max_tokens, self.max_seqs)
+                    batch, expired = next_batch(oldest, self.max_tokens, self.max_seqs, now_ns())
+                    self.expire(expired)
                     if batch:
                         return batch
-                    continue  # only cancelled sequences were there
+                    continue  # only dropped sequences were there
                 if self._closed:
                     return None
                 self._cond.wait()
 
-    def close(self) -> None:
+    def expire(self, expired: list[Sequence]) -> None:
+        self.stats.update(expired=len(expired))
+        for req in {id(s.request): s.request for s in expired}.values():
+            req.resolve(error=DeadlineExceededError(
+                f"the deadline passed after {(now_ns() - req.arrival_ns) / 1e6:.0f} ms, before "
+                "the request reached the device; it was not computed"))
+
+    def close(self, discard: bool = False) -> None:
+        """No more puts; the runner drains what waits, or with `discard` it is failed now."""
         with self._cond:
             self._closed = True
+            dropped = [seq for queue in self._waiting.values() for seq in queue] if discard else []
+            if discard:
+                self._waiting.clear()
             self._cond.notify_all()
+        for req in {id(s.request): s.request for s in dropped}.values():
+            req.resolve(error=UnavailableError("the server shut down before this request ran; "
+                                               "retry on another replica"))
 
 
 class ModelRunner:
-    """batch = queue.take(); out = run(batch); deliver(batch, out)."""
+    """One thread owns the device: batch = ready.get(); out = run(batch); deliver(batch, out).
+
+    A second thread forms the next batch and builds its tensors (pinned and copied on CUDA)
+    while the current one runs; `ready` holds one such prefetched batch.
+    """
 
     def __init__(self, queue: WorkQueue):
         self.queue = queue
-        self._thread = threading.Thread(target=self._loop, name="poolsvc-runner", daemon=True)
+        self._ready: Queue = Queue(maxsize=1)
+        self._threads = [threading.Thread(target=self._prefetch, name="poolsvc-batcher",
+                                          daemon=True),
+                         threading.Thread(target=self._run, name="poolsvc-runner", daemon=True)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+    def join(self) -> None:
+        for thread in self._threads:
+            if thread.ident is not None:  # started
+                thread.join()
 
-    def _loop(self) -> None:
+    def _prefetch(self) -> None:
         while (batch := self.queue.take()) is not None:
             try:
-                deliver(batch, run(batch))
+                self._ready.put((batch, prepare(batch)))
+            except Exception as exc:
+                fail(batch, exc)
+        self._ready.put(None)
+
+    def _run(self) -> None:
+        while (item := self._ready.get()) is not None:
+            batch, packed = item
+            # Callers may have given up while the batch waited here: drop their work.
+            live, expired = next_batch(deque(batch), 1 << 62, len(batch), now_ns())
+            self.queue.expire(expired)
+            if len(live) < len(batch):
+                if not live:
+                    continue
+                batch, packed = live, prepare(live)
+            self.queue.stats.update(batches=1, sequences=len(batch), tokens=packed.num_tokens)
+            try:
+                deliver(batch, run(batch, packed))
             except Exception as exc:  # a bug or a device fault: fail this batch, keep serving
-                log.exception("batch of %d sequences failed", len(batch))
-                for req in {id(s.request): s.request for s in batch}.values():
-                    req.resolve(error=exc)
+                fail(batch, exc)
 
 
-def run(batch: list[Sequence]) -> list[torch.Tensor]:
+def fail(batch: list[Sequence], exc: Exception) -> None:
+    log.exception("batch of %d sequences failed", len(batch), exc_info=exc)
+    for req in {id(s.request): s.request for s in batch}.values():
+        req.resolve(error=exc)
+
+
+def prepare(batch: list[Sequence]) -> PackedBatch:
+    """The batch's device tensors, built on the host and copied once."""
+    model: ServedModel = batch[0].request.model
+    types = None
+    if any(s.token_type_ids is not None for s in batch):
+        types = [s.token_type_ids or [0] * s.num_tokens for s in batch]
+    return PackedBatch.build([s.token_ids for s in batch], types, model.device,
+                             model.module.position_offset)
+
+
+def run(batch: list[Sequence], packed: PackedBatch) -> list[torch.Tensor]:
     """One forward pass for the batch, then each pooler its sequences need; outputs on the host,
     one per sequence, in batch order (one device-to-host copy per pooler)."""
     model: ServedModel = batch[0].request.model
@@ -86,11 +145,6 @@ def run(batch: list[Sequence]) -> list[torch.Tensor]:
     for seq in batch:
         if not seq.request.started_ns:
             seq.request.started_ns = started
-    types = None
-    if any(s.token_type_ids is not None for s in batch):
-        types = [s.token_type_ids or [0] * s.num_tokens for s in batch]
-    packed = PackedBatch.build([s.token_ids for s in batch], types, model.device,
-                               model.module.position_offset)
     hidden = model.forward(packed)
     groups: dict = {}
     for i, seq in enumerate(batch):

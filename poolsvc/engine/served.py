@@ -23,6 +23,7 @@ from poolsvc.engine.models import ARCHITECTURES, hf_fallback
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import Activation, PoolingType, Task
 from poolsvc.engine.pooling import SEQUENCE_POOLERS, DenseHead, token_rows
+from poolsvc.engine.quantize import quantize_int8
 from poolsvc.engine.tokenizer import TextTokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -262,12 +263,18 @@ def build_packed(cls, hf_config: dict, path: Path, allow_pickle: bool) -> torch.
 
 
 def load_served_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
-                      allow_pickle: bool, is_default: bool,
-                      pooler_config: PoolerConfig) -> ServedModel:
+                      allow_pickle: bool, is_default: bool, pooler_config: PoolerConfig,
+                      quantize: str = "none") -> ServedModel:
     path, aliases = resolve(spec.source, allow_pickle)
     files = read_model_files(path, spec.source, aliases)
     module, implementation = _build_module(files, allow_pickle)
     module = module.to(device=device, dtype=dtype).eval()
+    if quantize == "int8":
+        if device.type != "cpu":
+            raise ModelLoadError("--quantize int8 is a CPU option; on GPUs use --dtype float16 "
+                                 "or bfloat16")
+        quantize_int8(module)
+        implementation += "+int8"
     dense = _load_dense(files.dense, module.hidden_size, allow_pickle)
     if dense is not None:
         dense = dense.to(device=device, dtype=dtype).eval()

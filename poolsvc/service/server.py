@@ -103,7 +103,8 @@ class PoolServer:
         await self.health.enter_graceful_shutdown()
         log.info("shutting down: in-flight calls have %.1fs", self.config.grace_period)
         await self.server.stop(self.config.grace_period)
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown, 5.0)
+        # Every call has now been answered or cancelled: what still waits is nobody's.
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown, True)
         self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("poolsvc stopped")
 

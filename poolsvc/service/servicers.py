@@ -10,7 +10,7 @@ from concurrent.futures import Executor
 
 import grpc
 
-from poolsvc.engine.engine import Engine
+from poolsvc.engine.engine import Clock, Engine
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.params import PoolingType
 from poolsvc.engine.request import now_ns
@@ -99,9 +99,21 @@ async def serve_stream(requests: AsyncIterator, handle: Callable[[object], Await
             task.cancel()
 
 
+def _clock(context: grpc.aio.ServicerContext) -> Clock:
+    """The call's arrival, and its deadline if the client set one (work still queued when it
+    passes is dropped, not computed)."""
+    arrival = now_ns()
+    remaining = context.time_remaining()
+    return Clock(arrival, None if remaining is None else arrival + int(remaining * 1e9))
+
+
 class _EngineServicer:
     def __init__(self, engine: Engine, pool: Executor, stream_limit: int):
         self.engine, self.pool, self.stream_limit = engine, pool, stream_limit
+
+    def _stream(self, requests, context, handle, response_type) -> AsyncIterator:
+        return serve_stream(requests, functools.partial(handle, context=context), response_type,
+                            self.stream_limit)
 
     async def _run(self, method, *args):
         """Validates and tokenizes in the pool (off the event loop), then awaits the runner."""
@@ -111,64 +123,63 @@ class _EngineServicer:
 
 
 class EmbedServicer(_EngineServicer, embed_pb2_grpc.EmbedServiceServicer):
-    async def _embed(self, request: embed_pb2.EmbedRequest) -> embed_pb2.EmbedResponse:
-        arrival = now_ns()
+    async def _embed(self, request: embed_pb2.EmbedRequest, context) -> embed_pb2.EmbedResponse:
+        clock = _clock(context)
         out = await self._run(self.engine.embed, request.model, convert.inputs(request.inputs),
                               convert.pooling_params(request), convert.truncation(request),
-                              convert.prompt(request), arrival)
+                              convert.prompt(request), clock)
         return convert.embed_response(out)
 
     @unary
     async def Embed(self, request, context):
-        return await self._embed(request)
+        return await self._embed(request, context)
 
     async def EmbedStream(self, request_iterator, context):
-        async for response in serve_stream(request_iterator, self._embed,
-                                           embed_pb2.EmbedStreamResponse, self.stream_limit):
+        async for response in self._stream(request_iterator, context, self._embed,
+                                           embed_pb2.EmbedStreamResponse):
             yield response
 
 
 class ClassifyServicer(_EngineServicer, classify_pb2_grpc.ClassifyServiceServicer):
-    async def _classify(self, request: classify_pb2.ClassifyRequest):
-        arrival = now_ns()
+    async def _classify(self, request: classify_pb2.ClassifyRequest, context):
+        clock = _clock(context)
         out = await self._run(self.engine.classify, request.model, convert.inputs(request.inputs),
                               convert.pooling_params(request), convert.truncation(request),
-                              convert.prompt(request), arrival)
+                              convert.prompt(request), clock)
         return convert.classify_response(out)
 
     @unary
     async def Classify(self, request, context):
-        return await self._classify(request)
+        return await self._classify(request, context)
 
     async def ClassifyStream(self, request_iterator, context):
-        async for response in serve_stream(request_iterator, self._classify,
-                                           classify_pb2.ClassifyStreamResponse,
-                                           self.stream_limit):
+        async for response in self._stream(request_iterator, context, self._classify,
+                                           classify_pb2.ClassifyStreamResponse):
             yield response
 
 
 class ScoreServicer(_EngineServicer, score_pb2_grpc.ScoreServiceServicer):
-    async def _score(self, request: score_pb2.ScoreRequest):
-        arrival = now_ns()
+    async def _score(self, request: score_pb2.ScoreRequest, context):
+        clock = _clock(context)
         out = await self._run(self.engine.score, request.model,
                               convert.inputs(request.queries, "query"),
                               convert.inputs(request.documents, "document"),
                               convert.pooling_params(request), convert.truncation(request),
-                              arrival)
+                              clock)
         return convert.score_response(out)
 
     @unary
     async def Score(self, request, context):
-        return await self._score(request)
+        return await self._score(request, context)
 
     async def ScoreStream(self, request_iterator, context):
-        async for response in serve_stream(request_iterator, self._score,
-                                           score_pb2.ScoreStreamResponse, self.stream_limit):
+        async for response in self._stream(request_iterator, context, self._score,
+                                           score_pb2.ScoreStreamResponse):
             yield response
 
     @unary
     async def Rerank(self, request, context):
-        arrival = now_ns()
+        clock = _clock(context)
         if not request.HasField("query"):
             raise InvalidInputError("rerank needs a query")
         if not request.documents:
@@ -177,26 +188,26 @@ class ScoreServicer(_EngineServicer, score_pb2_grpc.ScoreServiceServicer):
                               convert.inputs([request.query], "query"),
                               convert.inputs(request.documents, "document"),
                               convert.pooling_params(request), convert.truncation(request),
-                              arrival)
+                              clock)
         return convert.rerank_response(out, request.documents, request.top_n,
                                        request.return_documents)
 
 
 class EncodeServicer(_EngineServicer, encode_pb2_grpc.EncodeServiceServicer):
-    async def _encode(self, request: encode_pb2.EncodeRequest):
-        arrival = now_ns()
+    async def _encode(self, request: encode_pb2.EncodeRequest, context):
+        clock = _clock(context)
         out = await self._run(self.engine.encode, request.model, convert.inputs(request.inputs),
                               convert.task(request.task), convert.pooling_params(request),
-                              convert.truncation(request), convert.prompt(request), arrival)
+                              convert.truncation(request), convert.prompt(request), clock)
         return convert.encode_response(out)
 
     @unary
     async def Encode(self, request, context):
-        return await self._encode(request)
+        return await self._encode(request, context)
 
     async def EncodeStream(self, request_iterator, context):
-        async for response in serve_stream(request_iterator, self._encode,
-                                           encode_pb2.EncodeStreamResponse, self.stream_limit):
+        async for response in self._stream(request_iterator, context, self._encode,
+                                           encode_pb2.EncodeStreamResponse):
             yield response
 
 

@@ -8,6 +8,7 @@ import uuid
 import grpc
 
 from poolsvc.engine.errors import (
+    DeadlineExceededError,
     InvalidInputError,
     ModelNotFoundError,
     OverloadedError,
@@ -23,6 +24,7 @@ STATUS_OF_ERROR: dict[type[Exception], grpc.StatusCode] = {
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
