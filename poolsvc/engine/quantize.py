@@ -30,10 +30,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()  # [tokens, in]
-        amax = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-8)
+        # max |x| per row; amax and amin are each one fast pass, unlike abs() then amax()
+        amax = torch.maximum(rows.amax(1, keepdim=True), rows.amin(1, keepdim=True).neg_())
+        amax.clamp_(min=1e-8)
         q = torch.mul(rows, 127.0 / amax).round_().to(torch.int8)
-        out = torch._int_mm(q, self.qweight_t).to(torch.float32).mul_(amax / 127.0)
-        out = torch.addcmul(self.bias, out, self.weight_scale)  # [tokens, out]
+        out = torch._int_mm(q, self.qweight_t).to(torch.float32)  # [tokens, out]
+        out.mul_(amax / 127.0).mul_(self.weight_scale).add_(self.bias)  # in place: memory-bound
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
