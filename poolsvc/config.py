@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -166,10 +167,25 @@ class ServerConfig:
         "refused with RESOURCE_EXHAUSTED instead of queueing without bound", default=1024)
     max_stream_inflight: int = _opt("requests of one stream being processed at once; further "
                                     "requests wait in flow control", default=64)
+    max_inputs_per_request: int = _opt("most inputs (or score pairs) one request may carry; more "
+                                       "is RESOURCE_EXHAUSTED", default=2048)
+    max_chars_per_input: int = _opt("longest text accepted, in characters, checked before "
+                                    "tokenizing; longer is RESOURCE_EXHAUSTED", default=100_000)
     max_message_bytes: int = _opt("largest request or response message", default=64 << 20)
     grace_period: float = _opt("seconds in-flight calls get to finish on SIGTERM", default=10.0)
     log_level: str = _opt("logging level", default="INFO",
                           meta={"choices": ("DEBUG", "INFO", "WARNING", "ERROR")})
+    log_format: str = _opt("text, or json (one object per line, for log collectors)",
+                           default="text", meta={"choices": ("text", "json")})
+    metrics_port: int = _opt("serve Prometheus metrics (/metrics) and HTTP probes (/healthz, "
+                             "/readyz) on this port of the same host; 0: off", default=0)
+    tls_cert: str = _opt("PEM certificate chain: serve TLS instead of plaintext", default="")
+    tls_key: str = _opt("PEM private key of --tls-cert", default="")
+    tls_client_ca: str = _opt("PEM CA bundle: require client certificates signed by it (mutual "
+                              "TLS)", default="")
+    api_key: str = _opt("require 'authorization: Bearer KEY' on every model RPC (health and "
+                        "reflection stay open for probes)", default="")
+    api_key_file: str = _opt("read the API key from this file instead (first line)", default="")
 
     def __post_init__(self):
         if not self.models:
@@ -188,7 +204,7 @@ class ServerConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_tokens", "max_batch_inputs", "max_stream_inflight",
-                     "max_concurrent_requests",
+                     "max_concurrent_requests", "max_inputs_per_request", "max_chars_per_input",
                      "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -197,6 +213,18 @@ class ServerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 (auto) or more")
         if self.grace_period < 0:
             raise ConfigError("--grace-period must be >= 0 seconds")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port must be 0 (off) or a port, got {self.metrics_port}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+        if self.api_key and self.api_key_file:
+            raise ConfigError("give --api-key or --api-key-file, not both")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "api_key_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"--{name.replace('_', '-')} {path}: no such file")
 
     def pooler_config(self, model: str) -> PoolerConfig:
         """The overrides for one served model: those for every model, then its own."""
@@ -205,6 +233,15 @@ class ServerConfig:
             if override.model in ("", model):
                 config = config.merged(override.config)
         return config
+
+    def read_api_key(self) -> str:
+        if not self.api_key_file:
+            return self.api_key
+        with open(self.api_key_file, encoding="utf-8") as f:
+            key = f.readline().strip()
+        if not key:
+            raise ConfigError(f"--api-key-file {self.api_key_file} is empty")
+        return key
 
     @property
     def address(self) -> str:

@@ -25,7 +25,7 @@ from poolsvc.engine.errors import (
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import PoolingParams, PromptOptions, Task, Truncation
 from poolsvc.engine.request import Plan, Request, now_ns
-from poolsvc.engine.runner import ModelRunner, WorkQueue
+from poolsvc.engine.runner import BatchObserver, ModelRunner, WorkQueue
 from poolsvc.engine.served import Kind, ServedModel, load_served_model
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Engine:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, on_batch: BatchObserver | None = None):
         self.config = config
         self._models: dict[str, ServedModel] = {}  # by name and alias
         self._served: list[ServedModel] = []        # the default first
         self._queue = WorkQueue(config.max_batch_tokens, config.max_batch_inputs)
-        self._runner = ModelRunner(self._queue)
+        self._runner = ModelRunner(self._queue, on_batch)
         self._in_flight = 0  # requests admitted and not yet answered
         self._admission = threading.Lock()
         self.ready = False
@@ -161,9 +161,11 @@ class Engine:
             n = len(queries)
             plan = Plan(Task.SCORE, model.pooler(Task.SCORE), tasks.finish_cosine_score,
                         normalize=True, pairs=tuple((q, n + d) for q, d in pairs))
-            token_ids = self._tokenize(model, [*queries, *documents], truncation, _NO_PROMPT)
+            token_ids = self._tokenize(model, [*queries, *documents], truncation, _NO_PROMPT,
+                                       count=len(pairs))
             return self._submit(model, plan, token_ids, None, clock)
         texts = [*queries, *documents]
+        self._check_limits(texts, len(pairs))
         if not all(isinstance(t, str) for t in texts):
             raise InvalidInputError(f"cross-encoder {model.name} scores text pairs: token-id "
                                     "inputs cannot be paired with the model's separators")
@@ -208,6 +210,7 @@ class Engine:
         model = self.model(model_name)
         if not texts:
             raise InvalidInputError("the request has no texts; send at least one")
+        self._check_limits(texts)
         limit, cut = truncation.limit(model.max_input_tokens, self.config.auto_truncate)
         prefix = model.tokenizer.prompt_text(prompt)
         return model, model.tokenizer.encode(
@@ -258,13 +261,30 @@ class Engine:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters since start: batches, sequences, tokens run; expired sequences dropped."""
-        return {**self._queue.stats, "in_flight": self._in_flight}
+        """Counters since start (batches, sequences and tokens run; expired sequences dropped),
+        and now: requests in flight, sequences waiting."""
+        return {**self._queue.stats, "in_flight": self._in_flight, "queued": self._queue.depth}
+
+    def _check_limits(self, inputs: Seq, count: int | None = None) -> None:
+        """Request-size limits, before any tokenizing. `count`: what the input limit counts (the
+        pairs of a score request), when not the inputs themselves."""
+        limit = self.config.max_inputs_per_request
+        count = len(inputs) if count is None else count
+        if count > limit:
+            raise OverloadedError(f"the request has {count} inputs, more than the server's "
+                                  f"limit of {limit} (--max-inputs-per-request): split it")
+        chars = self.config.max_chars_per_input
+        for i, x in enumerate(inputs):
+            if isinstance(x, str) and len(x) > chars:
+                raise OverloadedError(f"input {i} has {len(x)} characters, more than the "
+                                      f"server's limit of {chars} (--max-chars-per-input)")
 
     def _tokenize(self, model: ServedModel, inputs: Seq[Prompt], truncation: Truncation,
-                  prompt: PromptOptions, chunked: bool = False) -> list[list[int]]:
+                  prompt: PromptOptions, chunked: bool = False,
+                  count: int | None = None) -> list[list[int]]:
         if not inputs:
             raise InvalidInputError("the request has no inputs; send at least one")
+        self._check_limits(inputs, count)
         limit, cut = truncation.limit(model.max_input_tokens, self.config.auto_truncate)
         if chunked and not cut:  # long inputs are split into chunks instead of rejected
             limit = model.pooler_config.max_embed_len or 16 * model.max_input_tokens

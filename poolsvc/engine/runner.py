@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
+from collections.abc import Callable
 from queue import Queue
 
 import torch
@@ -16,6 +18,9 @@ from poolsvc.engine.request import Sequence, now_ns
 from poolsvc.engine.served import ServedModel
 
 log = logging.getLogger(__name__)
+
+# (model name, sequences, tokens, seconds on the device) after every batch, on the runner thread.
+BatchObserver = Callable[[str, int, int, float], None]
 
 
 class WorkQueue:
@@ -29,6 +34,11 @@ class WorkQueue:
         self._closed = False
         # batches, sequences and tokens run; expired: sequences dropped past their deadline
         self.stats = Counter()
+
+    @property
+    def depth(self) -> int:
+        """Sequences waiting (not counting the batch on the device and the prefetched one)."""
+        return sum(len(q) for q in self._waiting.values())
 
     def put(self, seqs: list[Sequence]) -> None:
         with self._cond:
@@ -80,8 +90,9 @@ class ModelRunner:
     while the current one runs; `ready` holds one such prefetched batch.
     """
 
-    def __init__(self, queue: WorkQueue):
+    def __init__(self, queue: WorkQueue, on_batch: BatchObserver | None = None):
         self.queue = queue
+        self.on_batch = on_batch
         self._ready: Queue = Queue(maxsize=1)
         self._threads = [threading.Thread(target=self._prefetch, name="poolsvc-batcher",
                                           daemon=True),
@@ -115,10 +126,14 @@ class ModelRunner:
                     continue
                 batch, packed = live, prepare(live)
             self.queue.stats.update(batches=1, sequences=len(batch), tokens=packed.num_tokens)
+            started = time.perf_counter()
             try:
                 deliver(batch, run(batch, packed))
             except Exception as exc:  # a bug or a device fault: fail this batch, keep serving
                 fail(batch, exc)
+            if self.on_batch is not None:
+                self.on_batch(batch[0].request.model.name, len(batch), packed.num_tokens,
+                              time.perf_counter() - started)
 
 
 def fail(batch: list[Sequence], exc: Exception) -> None:

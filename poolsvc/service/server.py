@@ -29,6 +29,8 @@ from poolsvc.gen.v1 import (
     score_pb2_grpc,
 )
 from poolsvc.service import reflection
+from poolsvc.service.observability import Metrics, ProbeServer
+from poolsvc.service.security import BearerTokenInterceptor, server_credentials
 from poolsvc.service.servicers import (
     ClassifyServicer,
     EmbedServicer,
@@ -61,51 +63,72 @@ SERVICE_TASKS = {
 class PoolServer:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.engine = Engine(config)
+        self.metrics = Metrics(queue_depth=lambda: self.engine.stats["queued"],
+                               in_flight=lambda: self.engine.stats["in_flight"])
+        self.engine = Engine(config, on_batch=self.metrics.on_batch)
         self.pool = ThreadPoolExecutor(config.tokenizer_workers or os.cpu_count(),
                                        thread_name_prefix="poolsvc-tokenize")
         self.health = HealthServicer()
+        self.serving = False
         limit = config.max_message_bytes
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ])
-        args = (self.engine, self.pool, config.max_stream_inflight)
+        key = config.read_api_key()
+        self.server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(key)] if key else [],
+            options=[("grpc.max_receive_message_length", limit),
+                     ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)])
+        args = (self.engine, self.pool, config.max_stream_inflight, self.metrics)
         embed_pb2_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(*args), self.server)
         classify_pb2_grpc.add_ClassifyServiceServicer_to_server(ClassifyServicer(*args),
                                                                 self.server)
         score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(*args), self.server)
         encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(*args), self.server)
         model_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.engine, self.pool), self.server)
+            ModelServicer(self.engine, self.pool, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable(self.server, (*SERVICE_TASKS, health_name))
-        self.port = self.server.add_insecure_port(config.address)
+        credentials = server_credentials(config)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(config.address)
+        else:
+            self.port = self.server.add_secure_port(config.address, credentials)
+        self.probes = None
+        if config.metrics_port:
+            self.probes = ProbeServer(config.host, config.metrics_port, self.metrics,
+                                      ready=lambda: self.serving)
 
     async def start(self) -> None:
         """Listens at once (health NOT_SERVING, model calls UNAVAILABLE), then loads the models."""
         for name in ("", *SERVICE_TASKS):
             await self.health.set(name, NOT_SERVING)
         await self.server.start()
-        log.info("poolsvc listening on %s:%d; loading models", self.config.host, self.port)
+        if self.probes is not None:
+            self.probes.start()
+            log.info("metrics and probes on http://%s:%d/metrics, /healthz, /readyz",
+                     self.config.host, self.probes.port)
+        log.info("poolsvc listening on %s:%d%s; loading models", self.config.host, self.port,
+                 " (TLS)" if self.config.tls_cert else "")
         await _in_daemon_thread(self.engine.start)
         served = {t for model in self.engine.models() for t in model.tasks}
         await self.health.set("", SERVING)
         for name, tasks in SERVICE_TASKS.items():
             await self.health.set(name, SERVING if tasks & served else NOT_SERVING)
+        self.serving = True
         names = ", ".join(m.name for m in self.engine.models())
         log.info("poolsvc serving %s on %s:%d", names, self.config.host, self.port)
 
     async def stop(self) -> None:
         """Health NOT_SERVING, refuse new calls, give in-flight ones the grace period, drain."""
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         log.info("shutting down: in-flight calls have %.1fs", self.config.grace_period)
         await self.server.stop(self.config.grace_period)
         # Every call has now been answered or cancelled: what still waits is nobody's.
         await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown, True)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.probes is not None:
+            self.probes.stop()
         log.info("poolsvc stopped")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 
@@ -29,6 +30,7 @@ from poolsvc.gen.v1 import (
     score_pb2_grpc,
 )
 from poolsvc.service import convert
+from poolsvc.service.observability import Metrics, rpc_span
 from poolsvc.service.status import status_of
 
 log = logging.getLogger(__name__)
@@ -37,36 +39,61 @@ _POOLING = {p: common_pb2.PoolingType.Value(f"POOLING_TYPE_{p.name}") for p in P
 
 
 def unary(method):
-    """Maps errors raised by a unary handler to statuses through the one table."""
+    """The envelope of a unary RPC: a trace span, errors mapped to statuses through the one
+    table, the response's timing in trailing metadata, and the RPC's metrics."""
 
     @functools.wraps(method)
     async def handler(self, request, context: grpc.aio.ServicerContext):
-        try:
-            return await method(self, request, context)
-        except Exception as exc:
-            code, message = status_of(exc)
-            await context.abort(code, message)
+        rpc = f"{self.SERVICE}/{method.__name__}"
+        started, code = time.perf_counter(), "OK"
+        with rpc_span(rpc, context.invocation_metadata()):
+            try:
+                response = await method(self, request, context)
+                if "timing" in response.DESCRIPTOR.fields_by_name and response.HasField("timing"):
+                    self.metrics.on_timing(response.timing)
+                    context.set_trailing_metadata(_timing_metadata(response.timing))
+                return response
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                status, message = status_of(exc)
+                code = status.name
+                await context.abort(status, message)
+            finally:
+                self.metrics.on_rpc(rpc, code, time.perf_counter() - started)
 
     return handler
 
 
+def _timing_metadata(timing) -> tuple[tuple[str, str], ...]:
+    return tuple((f"poolsvc-{name.replace('_', '-')}", str(getattr(timing, name)))
+                 for name in ("queue_ns", "tokenization_ns", "inference_ns", "total_ns"))
+
+
 async def serve_stream(requests: AsyncIterator, handle: Callable[[object], Awaitable[object]],
-                       respond: Callable, limit: int) -> AsyncIterator:
+                       respond: Callable, limit: int,
+                       record: Callable[[str, float, object], None]) -> AsyncIterator:
     """Runs every request of a bidirectional stream concurrently and yields responses as they
     finish. At most `limit` are in flight: past that the stream is not read, so gRPC flow control
-    pushes back on the client. A failed request yields an error response; the stream goes on."""
+    pushes back on the client. A failed request yields an error response; the stream goes on.
+    `record(code, seconds, response or None)` is told of each request's outcome."""
     done: asyncio.Queue = asyncio.Queue()
     slots = asyncio.Semaphore(limit)
     tasks: set[asyncio.Task] = set()
     finished = object()
 
     async def one(item):
+        started = time.perf_counter()
         try:
-            response = respond(id=item.id, response=await handle(item.request))
+            result = await handle(item.request)
+            response = respond(id=item.id, response=result)
+            record("OK", time.perf_counter() - started, result)
         except Exception as exc:
             code, message = status_of(exc)
             error = common_pb2.StreamError(code=code.value[0], message=message)
             response = respond(id=item.id, error=error)
+            record(code.name, time.perf_counter() - started, None)
         slots.release()
         await done.put(response)
 
@@ -108,12 +135,22 @@ def _clock(context: grpc.aio.ServicerContext) -> Clock:
 
 
 class _EngineServicer:
-    def __init__(self, engine: Engine, pool: Executor, stream_limit: int):
+    SERVICE = ""
+
+    def __init__(self, engine: Engine, pool: Executor, stream_limit: int, metrics: Metrics):
         self.engine, self.pool, self.stream_limit = engine, pool, stream_limit
+        self.metrics = metrics
 
     def _stream(self, requests, context, handle, response_type) -> AsyncIterator:
+        rpc = f"{self.SERVICE}/{handle.__name__.lstrip('_').capitalize()}Stream"
+
+        def record(code: str, seconds: float, response) -> None:
+            self.metrics.on_rpc(rpc, code, seconds)
+            if response is not None:
+                self.metrics.on_timing(response.timing)
+
         return serve_stream(requests, functools.partial(handle, context=context), response_type,
-                            self.stream_limit)
+                            self.stream_limit, record)
 
     async def _run(self, method, *args):
         """Validates and tokenizes in the pool (off the event loop), then awaits the runner."""
@@ -123,6 +160,8 @@ class _EngineServicer:
 
 
 class EmbedServicer(_EngineServicer, embed_pb2_grpc.EmbedServiceServicer):
+    SERVICE = "poolsvc.v1.EmbedService"
+
     async def _embed(self, request: embed_pb2.EmbedRequest, context) -> embed_pb2.EmbedResponse:
         clock = _clock(context)
         out = await self._run(self.engine.embed, request.model, convert.inputs(request.inputs),
@@ -141,6 +180,8 @@ class EmbedServicer(_EngineServicer, embed_pb2_grpc.EmbedServiceServicer):
 
 
 class ClassifyServicer(_EngineServicer, classify_pb2_grpc.ClassifyServiceServicer):
+    SERVICE = "poolsvc.v1.ClassifyService"
+
     async def _classify(self, request: classify_pb2.ClassifyRequest, context):
         clock = _clock(context)
         out = await self._run(self.engine.classify, request.model, convert.inputs(request.inputs),
@@ -159,6 +200,8 @@ class ClassifyServicer(_EngineServicer, classify_pb2_grpc.ClassifyServiceService
 
 
 class ScoreServicer(_EngineServicer, score_pb2_grpc.ScoreServiceServicer):
+    SERVICE = "poolsvc.v1.ScoreService"
+
     async def _score(self, request: score_pb2.ScoreRequest, context):
         clock = _clock(context)
         out = await self._run(self.engine.score, request.model,
@@ -194,6 +237,8 @@ class ScoreServicer(_EngineServicer, score_pb2_grpc.ScoreServiceServicer):
 
 
 class EncodeServicer(_EngineServicer, encode_pb2_grpc.EncodeServiceServicer):
+    SERVICE = "poolsvc.v1.EncodeService"
+
     async def _encode(self, request: encode_pb2.EncodeRequest, context):
         clock = _clock(context)
         out = await self._run(self.engine.encode, request.model, convert.inputs(request.inputs),
@@ -212,8 +257,10 @@ class EncodeServicer(_EngineServicer, encode_pb2_grpc.EncodeServiceServicer):
 
 
 class ModelServicer(model_pb2_grpc.ModelServiceServicer):
-    def __init__(self, engine: Engine, pool: Executor):
-        self.engine, self.pool = engine, pool
+    SERVICE = "poolsvc.v1.ModelService"
+
+    def __init__(self, engine: Engine, pool: Executor, metrics: Metrics):
+        self.engine, self.pool, self.metrics = engine, pool, metrics
 
     @unary
     async def ListModels(self, request, context):

@@ -9,7 +9,15 @@
 
 from __future__ import annotations
 
-from poolsvc_client.client import AsyncClient, Client, StreamItemError, build_embed_request
+from poolsvc_client.client import (
+                                   AsyncClient,
+                                   Client,
+                                   StreamItemError,
+                                   build_embed_request,
+                                   channel_options,
+                                   make_channel,
+)
 from poolsvc_client.tensors import decode_tensor
 
-__all__ = ["AsyncClient", "Client", "StreamItemError", "build_embed_request", "decode_tensor"]
+__all__ = ["AsyncClient", "Client", "StreamItemError", "build_embed_request", "channel_options",
+           "decode_tensor", "make_channel"]

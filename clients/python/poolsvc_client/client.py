@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from importlib import resources
 
 import grpc
 import numpy as np
@@ -57,28 +58,65 @@ def build_embed_request(texts: Text | Sequence[Text], *, model: str = "",
     return request
 
 
+SERVICE_CONFIG = (resources.files("poolsvc_client") / "service_config.json").read_text()
+
+
+def channel_options(max_message_bytes: int = 64 << 20) -> list[tuple[str, object]]:
+    """The documented service config (round_robin over every address the name resolves to, and
+    retries of UNAVAILABLE, which a draining or restarting replica answers), plus message size."""
+    return [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+
+
+def _credentials(root_ca: str | None, cert: str | None, key: str | None):
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+    return grpc.ssl_channel_credentials(root_certificates=read(root_ca) if root_ca else None,
+                                        private_key=read(key) if key else None,
+                                        certificate_chain=read(cert) if cert else None)
+
+
+def make_channel(target: str, *, tls: bool = False, root_ca: str | None = None,
+                 cert: str | None = None, key: str | None = None, aio: bool = False):
+    """A channel to poolsvc: plaintext, or TLS (`tls`, or any of the PEM paths: `root_ca` to
+    trust, `cert`/`key` to present for mutual TLS)."""
+    module = grpc.aio if aio else grpc
+    if tls or root_ca or cert:
+        return module.secure_channel(target, _credentials(root_ca, cert, key), channel_options())
+    return module.insecure_channel(target, channel_options())
+
+
 class _Stubs:
-    def __init__(self, channel):
+    def __init__(self, channel, api_key: str | None, timeout: float | None):
         self.channel = channel
+        self.timeout = timeout
+        # sent with every call; plaintext too, so local and sidecar-TLS set-ups work alike
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.call_options = {"timeout": timeout, "metadata": self.metadata}
         self.embed_stub = embed_pb2_grpc.EmbedServiceStub(channel)
         self.model_stub = model_pb2_grpc.ModelServiceStub(channel)
         self.health_stub = health_pb2_grpc.HealthStub(channel)
 
 
 class Client(_Stubs):
-    """Blocking client. `target` is host:port; pass `channel` to bring your own (TLS, options)."""
+    """Blocking client. `target` is host:port (or any gRPC name, e.g. dns:///poolsvc:50051 for
+    round-robin over a headless service). TLS options as make_channel; `api_key` is sent as a
+    bearer token; or pass your own `channel`."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, channel: grpc.Channel | None = None,
-                 timeout: float | None = 60.0):
-        super().__init__(channel or grpc.insecure_channel(target))
-        self.timeout = timeout
+                 timeout: float | None = 60.0, api_key: str | None = None, tls: bool = False,
+                 root_ca: str | None = None, cert: str | None = None, key: str | None = None):
+        super().__init__(channel or make_channel(target, tls=tls, root_ca=root_ca, cert=cert,
+                                                 key=key), api_key, timeout)
 
     def embed(self, texts: Text | Sequence[Text], **options) -> np.ndarray:
         """[N, D] embeddings; options as build_embed_request."""
         return decode_tensor(self.embed_response(texts, **options).embeddings)
 
     def embed_response(self, texts, **options) -> embed_pb2.EmbedResponse:
-        return self.embed_stub.Embed(build_embed_request(texts, **options), timeout=self.timeout)
+        return self.embed_stub.Embed(build_embed_request(texts, **options), **self.call_options)
 
     def embed_stream(self, batches: Iterable[Text | Sequence[Text]],
                      **options) -> Iterator[tuple[int, np.ndarray]]:
@@ -88,22 +126,22 @@ class Client(_Stubs):
         requests = (embed_pb2.EmbedStreamRequest(id=str(next(counter)),
                                                  request=build_embed_request(b, **options))
                     for b in batches)
-        for response in self.embed_stub.EmbedStream(requests, timeout=self.timeout):
+        for response in self.embed_stub.EmbedStream(requests, **self.call_options):
             yield _stream_item(response)
 
     def tokenize(self, texts: Sequence[str], *, model: str = "") -> list[list[int]]:
         response = self.model_stub.Tokenize(model_pb2.TokenizeRequest(model=model, texts=texts),
-                                        timeout=self.timeout)
+                                        **self.call_options)
         return [list(r.ids) for r in response.results]
 
     def list_models(self) -> list[model_pb2.ModelInfo]:
         return list(self.model_stub.ListModels(model_pb2.ListModelsRequest(),
-                                           timeout=self.timeout).models)
+                                           **self.call_options).models)
 
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, ... for the server ("") or one service."""
         response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                     timeout=self.timeout)
+                                     **self.call_options)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def close(self) -> None:
@@ -117,19 +155,21 @@ class Client(_Stubs):
 
 
 class AsyncClient(_Stubs):
-    """asyncio client; create it inside a running event loop."""
+    """asyncio client with Client's options; create it inside a running event loop."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *,
-                 channel: grpc.aio.Channel | None = None, timeout: float | None = 60.0):
-        super().__init__(channel or grpc.aio.insecure_channel(target))
-        self.timeout = timeout
+                 channel: grpc.aio.Channel | None = None, timeout: float | None = 60.0,
+                 api_key: str | None = None, tls: bool = False, root_ca: str | None = None,
+                 cert: str | None = None, key: str | None = None):
+        super().__init__(channel or make_channel(target, tls=tls, root_ca=root_ca, cert=cert,
+                                                 key=key, aio=True), api_key, timeout)
 
     async def embed(self, texts: Text | Sequence[Text], **options) -> np.ndarray:
         return decode_tensor((await self.embed_response(texts, **options)).embeddings)
 
     async def embed_response(self, texts, **options) -> embed_pb2.EmbedResponse:
         request = build_embed_request(texts, **options)
-        return await self.embed_stub.Embed(request, timeout=self.timeout)
+        return await self.embed_stub.Embed(request, **self.call_options)
 
     async def embed_stream(self, batches: AsyncIterable | Iterable,
                            **options) -> AsyncIterator[tuple[int, np.ndarray]]:
@@ -144,22 +184,22 @@ class AsyncClient(_Stubs):
                     yield embed_pb2.EmbedStreamRequest(id=str(next(counter)),
                                                        request=build_embed_request(b, **options))
 
-        async for response in self.embed_stub.EmbedStream(requests(), timeout=self.timeout):
+        async for response in self.embed_stub.EmbedStream(requests(), **self.call_options):
             yield _stream_item(response)
 
     async def tokenize(self, texts: Sequence[str], *, model: str = "") -> list[list[int]]:
         request = model_pb2.TokenizeRequest(model=model, texts=texts)
-        response = await self.model_stub.Tokenize(request, timeout=self.timeout)
+        response = await self.model_stub.Tokenize(request, **self.call_options)
         return [list(r.ids) for r in response.results]
 
     async def list_models(self) -> list[model_pb2.ModelInfo]:
         response = await self.model_stub.ListModels(model_pb2.ListModelsRequest(),
-                                                timeout=self.timeout)
+                                                **self.call_options)
         return list(response.models)
 
     async def health(self, service: str = "") -> str:
         response = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                           timeout=self.timeout)
+                                           **self.call_options)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     async def close(self) -> None:
