@@ -63,7 +63,7 @@ if AVAILABLE:
                         mask=cols < loaded, other=0.0)
             pooled = x.to(tl.float32)
         tl.store(out_ptr + seq.to(tl.int64) * stride_out + cols,
-                 pooled.to(out_ptr.dtype.element_ty), mask=cols < dimensions - 1)
+                 pooled.to(out_ptr.dtype.element_ty), mask=col_mask)
 
     @triton.jit
     def _l2_normalize_kernel(rows_ptr, out_ptr, stride_rows, stride_out, dimensions, eps,

@@ -154,6 +154,8 @@ class ServerConfig:
     quantize: str = _opt("int8: int8 dynamic quantization of the linear layers (CPU only; "
                          "accuracy and speed in docs/benchmarks.md)", default="none",
                          meta={"choices": ("none", "int8")})
+    disable_kernels: bool = _opt("on CUDA, run PyTorch ops instead of the Triton kernels "
+                                 "(kernels/), to bisect a numerical difference", default=False)
     auto_truncate: bool = _opt("truncate over-long inputs when a request does not say; without "
                                "it they are rejected with INVALID_ARGUMENT", default=False)
     allow_pickle_weights: bool = _opt(

@@ -1,5 +1,5 @@
-"""Triton kernels against their PyTorch references: on the CPU through Triton's interpreter, and
-also compiled on CUDA when there is a GPU.
+"""Triton kernels against their PyTorch references: on the CPU through Triton's interpreter, or,
+with TRITON_INTERPRET=0 on a GPU machine, compiled on CUDA.
 
 Outputs are poisoned with NaN first, so an element a kernel fails to write fails the comparison.
 """
@@ -10,8 +10,9 @@ import os
 
 # Triton decides interpreted or compiled when `@triton.jit` decorates a function (3.9 reads this
 # through triton.knobs at that moment), and its own tl.sum / tl.max are decorated when triton is
-# first imported: so this is set before anything imports triton. An explicit
-# TRITON_INTERPRET=0 keeps compiled kernels, tested on CUDA.
+# first imported: so this is set before anything imports triton (it then stays set for the
+# session; processes started later inherit it). An explicit TRITON_INTERPRET=0 keeps compiled
+# kernels, tested on CUDA.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib  # noqa: E402
@@ -23,8 +24,7 @@ from types import ModuleType  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-triton = pytest.importorskip("triton")
+import triton  # noqa: E402  (a test dependency: missing, the tests fail, they do not skip)
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "poolsvc_kernels"
@@ -102,6 +102,10 @@ def poisoned(*shape: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.cpu(), expected.cpu(), **TOLERANCES[expected.dtype])
 
@@ -136,18 +140,17 @@ def cu_seqlens_of(lens: list[int], device: str) -> torch.Tensor:
 @pytest.mark.parametrize("dimensions", [HIDDEN, 70])
 @pytest.mark.parametrize("out_dtype", [torch.float32, "input"])
 def test_pool(device, gen, dtype, method, normalize, dimensions, out_dtype):
-    k = kernels
     out_dtype = dtype if out_dtype == "input" else out_dtype
     num_tokens = sum(SEQ_LENS)
     # rows strided, as in a slice of a wider buffer
     hidden_states = randn(gen, num_tokens, HIDDEN + 5, dtype=dtype, device=device)[:, :HIDDEN]
     cu_seqlens = cu_seqlens_of(SEQ_LENS, device)
     out = poisoned(len(SEQ_LENS), dimensions, dtype=out_dtype, device=device)
-    method = k.PoolMethod[method]
-    result = k.pool(hidden_states, cu_seqlens, method, dimensions, normalize, out=out)
+    method = kernels.PoolMethod[method]
+    result = kernels.pool(hidden_states, cu_seqlens, method, dimensions, normalize, out=out)
     assert result is out
-    expected = k.pool_reference(hidden_states.cpu(), cu_seqlens.cpu(), method, dimensions,
-                                normalize, out_dtype)
+    expected = kernels.pool_reference(hidden_states.cpu(), cu_seqlens.cpu(), method, dimensions,
+                                      normalize, out_dtype)
     assert_close(out, expected)
     empty = [i for i, n in enumerate(SEQ_LENS) if n == 0]
     assert not out[empty].any()
@@ -156,14 +159,14 @@ def test_pool(device, gen, dtype, method, normalize, dimensions, out_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pool_normalizes_wide_rows(device, gen, dtype):
     """Rows wider than one normalization block (1024), truncated (Matryoshka) first."""
-    k = kernels
     lens = [3, 1, 4]
     hidden_states = randn(gen, sum(lens), 2100, dtype=dtype, device=device)
     cu_seqlens = cu_seqlens_of(lens, device)
     out = poisoned(3, 2050, dtype=dtype, device=device)
-    k.pool(hidden_states, cu_seqlens, k.PoolMethod.MEAN, 2050, True, out=out)
-    expected = k.pool_reference(hidden_states.cpu(), cu_seqlens.cpu(), k.PoolMethod.MEAN, 2050,
-                                True, dtype)
+    mean = kernels.PoolMethod.MEAN
+    kernels.pool(hidden_states, cu_seqlens, mean, 2050, True, out=out)
+    expected = kernels.pool_reference(hidden_states.cpu(), cu_seqlens.cpu(), mean, 2050, True,
+                                      dtype)
     assert_close(out, expected)
     torch.testing.assert_close(out.float().norm(dim=-1).cpu(), torch.ones(3), rtol=2e-2,
                                atol=2e-2)
@@ -172,23 +175,22 @@ def test_pool_normalizes_wide_rows(device, gen, dtype):
 def test_pool_accepts_the_engine_pooling_type(device, gen):
     from poolsvc.engine.params import PoolingType
 
-    k = kernels
     hidden_states = randn(gen, 5, 16, dtype=torch.float16, device=device)
     cu_seqlens = cu_seqlens_of([2, 3], device)
-    result = k.pool(hidden_states, cu_seqlens, PoolingType.MEAN)  # allocates float32 rows
+    result = kernels.pool(hidden_states, cu_seqlens, PoolingType.MEAN)  # allocates float32 rows
     assert result.dtype == torch.float32 and result.shape == (2, 16)
-    assert_close(result, k.pool_reference(hidden_states.cpu(), cu_seqlens.cpu(),
-                                          k.PoolMethod.MEAN))
+    assert_close(result, kernels.pool_reference(hidden_states.cpu(), cu_seqlens.cpu(),
+                                                kernels.PoolMethod.MEAN))
     with pytest.raises(ValueError, match="MAX.*has no kernel; supported: CLS, LAST, MEAN"):
-        k.pool(hidden_states, cu_seqlens, PoolingType.MAX)
+        kernels.pool(hidden_states, cu_seqlens, PoolingType.MAX)
 
 
 @pytest.mark.parametrize("lens", [[], [0, 0]], ids=["no-sequences", "all-empty"])
 def test_pool_without_tokens(device, lens):
-    k = kernels
     hidden_states = torch.empty(0, 8, device=device)
     out = poisoned(len(lens), 8, dtype=torch.float32, device=device)
-    k.pool(hidden_states, cu_seqlens_of(lens, device), k.PoolMethod.MEAN, normalize=True, out=out)
+    kernels.pool(hidden_states, cu_seqlens_of(lens, device), kernels.PoolMethod.MEAN,
+                 normalize=True, out=out)
     assert torch.equal(out.cpu(), torch.zeros(len(lens), 8))
 
 
@@ -201,16 +203,15 @@ NUM_TOKENS = 6
 @pytest.mark.parametrize("hidden", [37, 384, 4096])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_add_layer_norm(device, gen, dtype, hidden, with_residual):
-    k = kernels
     x = randn(gen, NUM_TOKENS, hidden, dtype=dtype, device=device, scale=2.0, shift=0.5)
     residual = randn(gen, NUM_TOKENS, hidden, dtype=dtype, device=device) if with_residual \
         else None
     weight = randn(gen, hidden, dtype=dtype, device=device, scale=0.1, shift=1.0)
     bias = randn(gen, hidden, dtype=dtype, device=device, scale=0.1)
     out = poisoned(NUM_TOKENS, hidden, dtype=dtype, device=device)
-    assert k.add_layer_norm(x, residual, weight, bias, 1e-12, out=out) is out
-    expected = k.add_layer_norm_reference(*(t if t is None else t.cpu()
-                                            for t in (x, residual, weight, bias)), 1e-12)
+    assert kernels.add_layer_norm(x, residual, weight, bias, 1e-12, out=out) is out
+    expected = kernels.add_layer_norm_reference(x.cpu(), cpu(residual), weight.cpu(), bias.cpu(),
+                                                1e-12)
     assert_close(out, expected)
 
 
@@ -218,7 +219,6 @@ def test_add_layer_norm(device, gen, dtype, hidden, with_residual):
 @pytest.mark.parametrize("hidden", [37, 384, 4096])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_add_rms_norm(device, gen, dtype, hidden, with_residual):
-    k = kernels
     x = randn(gen, NUM_TOKENS, hidden, dtype=dtype, device=device, scale=2.0)
     residual = randn(gen, NUM_TOKENS, hidden, dtype=dtype, device=device) if with_residual \
         else None
@@ -226,21 +226,21 @@ def test_add_rms_norm(device, gen, dtype, hidden, with_residual):
     out = poisoned(NUM_TOKENS, hidden, dtype=dtype, device=device)
     residual_out = poisoned(NUM_TOKENS, hidden, dtype=dtype, device=device) if with_residual \
         else None
-    y, h = k.add_rms_norm(x, residual, weight, 1e-6, out=out, residual_out=residual_out)
+    y, h = kernels.add_rms_norm(x, residual, weight, 1e-6, out=out, residual_out=residual_out)
     assert y is out and h is (residual_out if with_residual else x)
-    expected_y, expected_h = k.add_rms_norm_reference(
-        x.cpu(), None if residual is None else residual.cpu(), weight.cpu(), 1e-6)
+    expected_y, expected_h = kernels.add_rms_norm_reference(x.cpu(), cpu(residual), weight.cpu(),
+                                                            1e-6)
     assert_close(y, expected_y)
     assert_close(h, expected_h)
 
 
 def test_add_rms_norm_updates_the_residual_in_place(device, gen):
-    k = kernels
     x, residual = (randn(gen, NUM_TOKENS, 64, dtype=torch.bfloat16, device=device)
                    for _ in range(2))
     weight = randn(gen, 64, dtype=torch.bfloat16, device=device, shift=1.0)
-    expected_y, expected_h = k.add_rms_norm_reference(x.cpu(), residual.cpu(), weight.cpu(), 1e-6)
-    y, h = k.add_rms_norm(x, residual, weight, 1e-6, residual_out=residual)
+    expected_y, expected_h = kernels.add_rms_norm_reference(x.cpu(), residual.cpu(),
+                                                            weight.cpu(), 1e-6)
+    y, h = kernels.add_rms_norm(x, residual, weight, 1e-6, residual_out=residual)
     assert h is residual
     assert_close(residual, expected_h)
     assert_close(y, expected_y)
@@ -249,17 +249,16 @@ def test_add_rms_norm_updates_the_residual_in_place(device, gen):
 def test_references_match_the_engine_norms(gen):
     from poolsvc.engine.models.llama import RMSNorm
 
-    k = kernels
     x = randn(gen, NUM_TOKENS, 48, dtype=torch.bfloat16, device="cpu")
     norm = RMSNorm(48, 1e-6).to(torch.bfloat16)
     with torch.no_grad():
         norm.weight.copy_(randn(gen, 48, dtype=torch.bfloat16, device="cpu", shift=1.0))
-        y, h = k.add_rms_norm_reference(x, None, norm.weight, 1e-6)
+        y, h = kernels.add_rms_norm_reference(x, None, norm.weight, 1e-6)
         assert torch.equal(y, norm(x)) and h is x
         layer_norm = torch.nn.LayerNorm(48, eps=1e-12)
         expected = layer_norm(x.float() + x.float())
-        y = k.add_layer_norm_reference(x.float(), x.float(), layer_norm.weight, layer_norm.bias,
-                                       1e-12)
+        y = kernels.add_layer_norm_reference(x.float(), x.float(), layer_norm.weight,
+                                             layer_norm.bias, 1e-12)
     torch.testing.assert_close(y, expected)
 
 
@@ -274,13 +273,12 @@ def test_references_match_the_engine_norms(gen):
 @pytest.mark.parametrize("shape", [(7, 37), (2, 3, 1100)], ids=["2d", "3d-wide"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_bias_gelu(device, gen, dtype, approximate, shape, with_bias):
-    k = kernels
     x = randn(gen, *shape, dtype=dtype, device=device, scale=3.0)
     x.view(-1)[:4] = torch.tensor([-30.0, -9.0, 9.0, 30.0])  # both tails of the tanh form
     bias = randn(gen, shape[-1], dtype=dtype, device=device) if with_bias else None
     out = poisoned(*shape, dtype=dtype, device=device)
-    assert k.bias_gelu(x, bias, approximate, out=out) is out
-    expected = k.bias_gelu_reference(x.cpu(), None if bias is None else bias.cpu(), approximate)
+    assert kernels.bias_gelu(x, bias, approximate, out=out) is out
+    expected = kernels.bias_gelu_reference(x.cpu(), cpu(bias), approximate)
     assert_close(out, expected)
 
 
@@ -290,9 +288,8 @@ MAX_POSITIONS = 64
 
 
 def tables(head_dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    k = kernels
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    return tuple(t.to(device) for t in k.rotary_tables(inv_freq, MAX_POSITIONS))
+    return tuple(t.to(device) for t in kernels.rotary_tables(inv_freq, MAX_POSITIONS))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -300,7 +297,6 @@ def tables(head_dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
                          [(4, 2, 64), (3, 3, 128), (6, 1, 128), (5, 1, 80)])
 def test_rotary(device, gen, dtype, heads, kv_heads, head_dim):
     """q and k are views of a fused qkv projection; v must come out untouched."""
-    k = kernels
     num_tokens = 9
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
     qkv = randn(gen, num_tokens, q_dim + 2 * kv_dim, dtype=dtype, device=device)
@@ -309,9 +305,9 @@ def test_rotary(device, gen, dtype, heads, kv_heads, head_dim):
     key = qkv[:, q_dim:q_dim + kv_dim].view(num_tokens, kv_heads, head_dim)
     positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), generator=gen).to(device)
     cos, sin = tables(head_dim, device)
-    expected_q, expected_k = k.rotary_reference(q.cpu(), key.cpu(), positions.cpu(), cos.cpu(),
-                                                sin.cpu())
-    result = k.apply_rotary_(q, key, positions, cos, sin)
+    expected_q, expected_k = kernels.rotary_reference(q.cpu(), key.cpu(), positions.cpu(),
+                                                      cos.cpu(), sin.cpu())
+    result = kernels.apply_rotary_(q, key, positions, cos, sin)
     assert result[0] is q and result[1] is key
     assert_close(q, expected_q)
     assert_close(key, expected_k)
@@ -321,7 +317,6 @@ def test_rotary(device, gen, dtype, heads, kv_heads, head_dim):
 def test_rotary_reference_matches_the_engine(gen):
     from poolsvc.engine.models.llama import RopeConfig, RotaryEmbedding, apply_rotary
 
-    k = kernels
     head_dim, num_tokens = 64, 11
     positions = torch.tensor([0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4])  # three packed sequences
     cos, sin = tables(head_dim, "cpu")
@@ -329,7 +324,7 @@ def test_rotary_reference_matches_the_engine(gen):
                                                                            torch.float32)
     q = randn(gen, num_tokens, 4, head_dim, dtype=torch.float32, device="cpu")
     key = randn(gen, num_tokens, 2, head_dim, dtype=torch.float32, device="cpu")
-    expected_q, expected_k = k.rotary_reference(q, key, positions, cos, sin)
+    expected_q, expected_k = kernels.rotary_reference(q, key, positions, cos, sin)
     torch.testing.assert_close(expected_q, apply_rotary(q, engine_cos, engine_sin))
     torch.testing.assert_close(expected_k, apply_rotary(key, engine_cos, engine_sin))
 
@@ -338,10 +333,9 @@ def test_rotary_reference_matches_the_engine(gen):
 
 
 def test_pool_rejects_bad_arguments(gen):
-    k = kernels
     hidden_states = randn(gen, 5, 16, dtype=torch.float32, device="cpu")
     cu_seqlens = cu_seqlens_of([2, 3], "cpu")
-    mean = k.PoolMethod.MEAN
+    mean = kernels.PoolMethod.MEAN
     cases = [
         (dict(hidden_states=hidden_states.double()), "hidden_states must be torch.float32 or"),
         (dict(hidden_states=randn(gen, 16, 5, dtype=torch.float32, device="cpu").t()),
@@ -362,70 +356,67 @@ def test_pool_rejects_bad_arguments(gen):
     for change, message in cases:
         args = dict(hidden_states=hidden_states, cu_seqlens=cu_seqlens, method=mean) | change
         with pytest.raises(ValueError, match=message):
-            k.pool(**args)
+            kernels.pool(**args)
 
 
 def test_add_norm_rejects_bad_arguments(gen):
-    k = kernels
     x = randn(gen, 4, 32, dtype=torch.float16, device="cpu")
     weight = torch.ones(32, dtype=torch.float16)
     bias = torch.zeros(32, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"residual must have shape \[4, 32\], got \[4, 31\]"):
-        k.add_layer_norm(x, x[:, :31], weight, bias, 1e-5)
+        kernels.add_layer_norm(x, x[:, :31], weight, bias, 1e-5)
     with pytest.raises(ValueError, match="residual must be torch.float16, got torch.float32"):
-        k.add_rms_norm(x, x.float(), weight, 1e-6)
+        kernels.add_rms_norm(x, x.float(), weight, 1e-6)
     with pytest.raises(ValueError, match="weight must be torch.float16, got torch.float32"):
-        k.add_rms_norm(x, None, weight.float(), 1e-6)
+        kernels.add_rms_norm(x, None, weight.float(), 1e-6)
     with pytest.raises(ValueError, match=r"bias must have shape \[32\]"):
-        k.add_layer_norm(x, None, weight, bias[:16], 1e-5)
+        kernels.add_layer_norm(x, None, weight, bias[:16], 1e-5)
     with pytest.raises(ValueError, match="x must be torch.float32 or torch.float16 or"):
-        k.add_layer_norm(x.long(), None, weight, bias, 1e-5)
+        kernels.add_layer_norm(x.long(), None, weight, bias, 1e-5)
     with pytest.raises(ValueError, match="x must be contiguous along its last dimension"):
-        k.add_rms_norm(torch.empty(32, 4, dtype=torch.float16).t(), None, weight, 1e-6)
+        kernels.add_rms_norm(torch.empty(32, 4, dtype=torch.float16).t(), None, weight, 1e-6)
     with pytest.raises(ValueError, match="weight must be contiguous"):
-        k.add_rms_norm(x, None, torch.ones(64, dtype=torch.float16)[::2], 1e-6)
+        kernels.add_rms_norm(x, None, torch.ones(64, dtype=torch.float16)[::2], 1e-6)
     with pytest.raises(ValueError, match=r"out must have shape \[4, 32\]"):
-        k.add_layer_norm(x, None, weight, bias, 1e-5, out=torch.empty_like(x)[:2])
+        kernels.add_layer_norm(x, None, weight, bias, 1e-5, out=torch.empty_like(x)[:2])
     with pytest.raises(ValueError, match="residual_out is only written when there is a residual"):
-        k.add_rms_norm(x, None, weight, 1e-6, residual_out=torch.empty_like(x))
+        kernels.add_rms_norm(x, None, weight, 1e-6, residual_out=torch.empty_like(x))
 
 
 def test_bias_gelu_rejects_bad_arguments(gen):
-    k = kernels
     x = randn(gen, 4, 32, dtype=torch.bfloat16, device="cpu")
     bias = torch.zeros(32, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"bias must have shape \[32\], got \[31\]"):
-        k.bias_gelu(x, bias[:31])
+        kernels.bias_gelu(x, bias[:31])
     with pytest.raises(ValueError, match="bias must be torch.bfloat16, got torch.float32"):
-        k.bias_gelu(x, bias.float())
+        kernels.bias_gelu(x, bias.float())
     with pytest.raises(ValueError, match="x must be contiguous"):
-        k.bias_gelu(x[:, ::2], bias[:16])
+        kernels.bias_gelu(x[:, ::2], bias[:16])
     with pytest.raises(ValueError, match="approximate must be one of \\('none', 'tanh'\\)"):
-        k.bias_gelu(x, bias, "fast")
+        kernels.bias_gelu(x, bias, "fast")
     with pytest.raises(ValueError, match=r"out must have shape \[4, 32\]"):
-        k.bias_gelu(x, bias, out=torch.empty(4, 33, dtype=torch.bfloat16))
+        kernels.bias_gelu(x, bias, out=torch.empty(4, 33, dtype=torch.bfloat16))
 
 
 def test_rotary_rejects_bad_arguments(gen):
-    k = kernels
     q = randn(gen, 3, 4, 64, dtype=torch.float16, device="cpu")
     key = randn(gen, 3, 2, 64, dtype=torch.float16, device="cpu")
     positions = torch.arange(3)
     cos, sin = tables(64, "cpu")
     with pytest.raises(ValueError, match="head_dim must be even, got 63"):
-        k.apply_rotary_(q[..., :63], key[..., :63], positions, cos, sin)
+        kernels.apply_rotary_(q[..., :63], key[..., :63], positions, cos, sin)
     with pytest.raises(ValueError, match=r"k must have shape \[3, \*, 64\], got \[2, 2, 64\]"):
-        k.apply_rotary_(q, key[:2], positions, cos, sin)
+        kernels.apply_rotary_(q, key[:2], positions, cos, sin)
     with pytest.raises(ValueError, match="k must be torch.float16, got torch.float32"):
-        k.apply_rotary_(q, key.float(), positions, cos, sin)
+        kernels.apply_rotary_(q, key.float(), positions, cos, sin)
     with pytest.raises(ValueError, match="positions must be torch.int64, got torch.int32"):
-        k.apply_rotary_(q, key, positions.int(), cos, sin)
+        kernels.apply_rotary_(q, key, positions.int(), cos, sin)
     with pytest.raises(ValueError, match=r"cos must have shape \[\*, 32\], got \[64, 16\]"):
-        k.apply_rotary_(q, key, positions, cos[:, :16], sin)
+        kernels.apply_rotary_(q, key, positions, cos[:, :16], sin)
     with pytest.raises(ValueError, match="sin must be torch.float32"):
-        k.apply_rotary_(q, key, positions, cos, sin.half())
+        kernels.apply_rotary_(q, key, positions, cos, sin.half())
     with pytest.raises(ValueError, match="q must be contiguous along its last dimension"):
-        k.apply_rotary_(q.transpose(1, 2).contiguous().transpose(1, 2), key, positions, cos,
+        kernels.apply_rotary_(q.transpose(1, 2).contiguous().transpose(1, 2), key, positions, cos,
                         sin)
 
 
@@ -436,15 +427,16 @@ def test_without_triton_the_references_still_work(gen):
     saved_triton = sys.modules["triton"]
     sys.modules["triton"] = None  # `import triton` raises ImportError
     try:
-        k = _import_kernels()
+        bare = _import_kernels()
     finally:
         for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
             del sys.modules[name]
         sys.modules.update(saved)
         sys.modules["triton"] = saved_triton
-    assert not k.AVAILABLE and k is not kernels
+    assert not bare.AVAILABLE and bare is not kernels
     x = randn(gen, 3, 8, dtype=torch.float32, device="cpu")
     bias = randn(gen, 8, dtype=torch.float32, device="cpu")
-    torch.testing.assert_close(k.bias_gelu_reference(x, bias), torch.nn.functional.gelu(x + bias))
+    torch.testing.assert_close(bare.bias_gelu_reference(x, bias),
+                               torch.nn.functional.gelu(x + bias))
     with pytest.raises(RuntimeError, match="triton is not installed"):
-        k.bias_gelu(x, bias)
+        bare.bias_gelu(x, bias)

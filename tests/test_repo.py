@@ -34,7 +34,7 @@ def test_buf_lint():
 
 
 def test_ruff():
-    done = run(tool("ruff"), "check", "poolsvc", "clients", "tests", "scripts")
+    done = run(tool("ruff"), "check", "poolsvc", "clients", "tests", "scripts", "bench", "kernels")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -56,3 +56,32 @@ def test_readme_has_the_two_commands_that_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "test command" in ci and "README.md" in ci
     assert "poolsvc serve" in commands[0][1] and "pytest" in test_command
+
+
+def test_buf_breaking_against_the_previous_commit():
+    """The public contract only grows: no field renumbered, renamed or removed."""
+    previous = run("git", "rev-parse", "--verify", "--quiet", "HEAD~1")
+    assert previous.returncode == 0, "needs the git history (a clone, not an archive)"
+    done = run(tool("buf"), "breaking", "--against", ".git#ref=HEAD~1")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_kubernetes_manifests():
+    import yaml
+
+    from poolsvc.cli import build_parser, config_from_args
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "deploy").glob("*.yaml")}
+    assert docs["service.yaml"]["spec"]["clusterIP"] == "None"  # headless: client-side balancing
+    for name in ("deployment-cpu.yaml", "deployment-gpu.yaml"):
+        (container,) = docs[name]["spec"]["template"]["spec"]["containers"]
+        config = config_from_args(build_parser().parse_args(container["args"]))  # valid flags
+        assert container["readinessProbe"]["grpc"]["port"] == config.port
+        assert container["startupProbe"]["grpc"]["port"] == config.port
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+        grace = docs[name]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > config.grace_period
+        assert container["resources"]["requests"]["cpu"]
+    gpu = docs["deployment-gpu.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1

@@ -83,7 +83,8 @@ class Engine:
             model = load_served_model(spec, device, dtype, self.config.allow_pickle_weights,
                                       is_default=i == 0,
                                       pooler_config=self.config.pooler_config(spec.name),
-                                      quantize=self.config.quantize)
+                                      quantize=self.config.quantize,
+                                      use_kernels=not self.config.disable_kernels)
             if model.max_input_tokens > self.config.max_batch_tokens:
                 raise ConfigError(
                     f"--max-batch-tokens {self.config.max_batch_tokens} is below {model.name}'s "

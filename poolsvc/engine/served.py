@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from poolsvc.config import ModelSpec, PoolerConfig
+from poolsvc.engine import fused
 from poolsvc.engine.errors import InvalidInputError, ModelLoadError
+from poolsvc.engine.fused import kernels
 from poolsvc.engine.loader import (
     DenseSpec,
     ModelFiles,
@@ -27,6 +29,10 @@ from poolsvc.engine.quantize import quantize_int8
 from poolsvc.engine.tokenizer import TextTokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+# Sequence poolings the Triton pooling kernel implements.
+_KERNEL_POOLING = (PoolingType.CLS, PoolingType.LAST, PoolingType.MEAN)
 
 
 class Kind(enum.Enum):
@@ -64,6 +70,7 @@ class ServedModel:
     is_default: bool
     pooler_config: PoolerConfig
     implementation: str  # "poolsvc" (own packed code) or "transformers" (the fallback)
+    fused: bool = False  # Triton kernels for pooling (and the model's fused layers)
 
     # --- what the model is and serves -----------------------------------------------------------
 
@@ -204,6 +211,9 @@ class ServedModel:
                 starts.append(starts[-1] + c)
             parts = [rows[starts[i]:starts[i + 1]] for i in seqs]
             rows, sizes = torch.cat(parts), [p.shape[0] for p in parts]
+        elif self.fused and pooler.pooling in _KERNEL_POOLING:
+            rows = kernels().pool(hidden, batch.cu_seqlens, pooler.pooling)[seqs]  # float32
+            sizes = None
         else:
             rows = SEQUENCE_POOLERS[pooler.pooling](hidden, batch)[seqs]  # [len(seqs), hidden]
             sizes = None
@@ -264,7 +274,7 @@ def build_packed(cls, hf_config: dict, path: Path, allow_pickle: bool) -> torch.
 
 def load_served_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                       allow_pickle: bool, is_default: bool, pooler_config: PoolerConfig,
-                      quantize: str = "none") -> ServedModel:
+                      quantize: str = "none", use_kernels: bool = True) -> ServedModel:
     path, aliases = resolve(spec.source, allow_pickle)
     files = read_model_files(path, spec.source, aliases)
     module, implementation = _build_module(files, allow_pickle)
@@ -290,6 +300,10 @@ def load_served_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                         max_input_tokens=min(limits), vocab_size=vocab_size,
                         is_default=is_default, pooler_config=pooler_config,
                         implementation=implementation)
+    if use_kernels and device.type == "cuda" and fused.available():
+        fused.enable(module)
+        model.fused = True
+        model.implementation += "+kernels"
     if model.pooler_config.pooling_type is PoolingType.STEP and model.kind is Kind.EMBEDDING:
         raise ModelLoadError(f"{model.name}: STEP pooling needs a reward or classification head")
     log.info("loaded %s from %s: %s (%s, %s), %s, %d dims, max %d tokens, %s pooling, %s on %s",

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from poolsvc.engine.fused import kernels
 from poolsvc.engine.layers import activation, varlen_attention
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import PoolingType
@@ -71,12 +73,18 @@ class BertSelfAttention(nn.Module):
 class BertResidualOutput(nn.Module):
     """dense -> add residual -> LayerNorm (HF's BertSelfOutput and BertOutput)."""
 
+    fused = False  # the add and the norm in one kernel (engine/fused.py)
+
     def __init__(self, d_in: int, cfg: BertConfig):
         super().__init__()
         self.dense = nn.Linear(d_in, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            norm = self.LayerNorm
+            return kernels().add_layer_norm(self.dense(x), residual, norm.weight, norm.bias,
+                                            norm.eps)
         return self.LayerNorm(self.dense(x) + residual)
 
 
@@ -90,13 +98,24 @@ class BertAttention(nn.Module):
         return self.output(self.self(x, batch), x)
 
 
+# hidden_act -> the fused bias + GELU kernel's form
+_FUSED_GELU = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh",
+               "gelu_pytorch_tanh": "tanh"}
+
+
 class BertIntermediate(nn.Module):
+    fused = False  # bias + GELU in one kernel after the matrix product (engine/fused.py)
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.act = activation(cfg.hidden_act)
+        self.gelu = _FUSED_GELU.get(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.gelu is not None:
+            return kernels().bias_gelu(F.linear(x, self.dense.weight), self.dense.bias,
+                                       approximate=self.gelu)
         return self.act(self.dense(x))
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from poolsvc.engine.fused import kernels
 from poolsvc.engine.layers import activation, varlen_attention
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import PoolingType
@@ -143,11 +144,23 @@ class RotaryEmbedding:
         self._inv_freq: torch.Tensor | None = None
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype):
-        if self._inv_freq is None or self._inv_freq.device != positions.device:
-            self._inv_freq = self.rope.inv_freq(self.head_dim, positions.device)
+        self._inv_freq_on(positions.device)
         freqs = positions[:, None].float() * self._inv_freq  # [num_tokens, head_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [num_tokens, 1, head_dim]
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = self.rope.inv_freq(self.head_dim, device)
+            self._tables = None
+        return self._inv_freq
+
+    def tables(self, device: torch.device, max_positions: int):
+        """cos / sin tables [max_positions, head_dim // 2] for the fused rotary kernel."""
+        inv_freq = self._inv_freq_on(device)
+        if getattr(self, "_tables", None) is None:
+            self._tables = kernels().rotary_tables(inv_freq, max_positions)
+        return self._tables
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -156,6 +169,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LlamaAttention(nn.Module):
+    fused = False  # rotary in place by a kernel (engine/fused.py)
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
@@ -168,11 +183,17 @@ class LlamaAttention(nn.Module):
         norm = (lambda: RMSNorm(cfg.head_dim, cfg.rms_norm_eps)) if cfg.qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                batch: PackedBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos, sin, batch: PackedBatch) -> torch.Tensor:
+        """cos, sin: [num_tokens, 1, head_dim] per token; fused: the [positions, head_dim // 2]
+        tables, indexed by the kernel."""
         shape = (x.shape[0], -1, self.head_dim)  # [num_tokens, heads, head_dim]
-        q = apply_rotary(self.q_norm(self.q_proj(x).view(shape)), cos, sin)
-        k = apply_rotary(self.k_norm(self.k_proj(x).view(shape)), cos, sin)
+        q = self.q_norm(self.q_proj(x).view(shape))
+        k = self.k_norm(self.k_proj(x).view(shape))
+        if self.fused:
+            q, k = kernels().apply_rotary_(q.contiguous(), k.contiguous(), batch.positions, cos,
+                                           sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = self.v_proj(x).view(shape)
         return self.o_proj(varlen_attention(q, k, v, batch, causal=True).flatten(1))
 
@@ -202,6 +223,18 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(self, h: torch.Tensor, residual: torch.Tensor | None, tables,
+                      batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same layer with each residual add fused into the norm after it; returns the
+        MLP output and the residual stream, which the next norm adds (vLLM's layout)."""
+        add_rms_norm = kernels().add_rms_norm
+        norm = self.input_layernorm
+        normed, residual = add_rms_norm(h, residual, norm.weight, norm.eps)
+        h = self.self_attn(normed, *tables, batch)
+        norm = self.post_attention_layernorm
+        normed, residual = add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(normed), residual
+
 
 class LlamaModel(nn.Module):
     """Returns the final-norm hidden states, [num_tokens, hidden], of a packed batch."""
@@ -210,6 +243,8 @@ class LlamaModel(nn.Module):
     weight_prefix = "model."
     position_offset = 0
     default_pooling = PoolingType.LAST
+
+    fused = False  # residual adds fused into the norms (engine/fused.py)
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -242,6 +277,12 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
+        if self.fused:
+            tables = self.rotary.tables(x.device, self.config.max_position_embeddings)
+            residual = None
+            for layer in self.layers:
+                x, residual = layer.forward_fused(x, residual, tables, batch)
+            return kernels().add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
         cos, sin = self.rotary(batch.positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, batch)

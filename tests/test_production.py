@@ -1,0 +1,258 @@
+"""Load, faults and drains against real server processes (and a real haproxy)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import ROOT, ServerProcess
+from poolsvc_client import channel_options, decode_tensor
+from test_observability import sample, scrape
+from test_security import free_port
+
+from poolsvc.gen.v1 import common_pb2, embed_pb2, embed_pb2_grpc
+
+POOL = [f"production query {i}: " + " ".join(["word"] * (i % 17)) for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    return {t: np.array(o.outputs.embedding, dtype=np.float32)
+            for t, o in zip(POOL, llm.embed(POOL))}
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+class Load:
+    """`callers` concurrent asyncio callers mixing unary batches and streams of 1-4 texts; every
+    result is checked against the offline API's embedding of the same text."""
+
+    def __init__(self, address: str, reference: dict, callers: int = 64, seed: int = 0):
+        self.address, self.reference, self.callers = address, reference, callers
+        self.random = random.Random(seed)
+        self.ok = 0
+        self.failures: list[tuple[grpc.StatusCode, str]] = []
+        self.wrong = 0
+
+    def _check(self, texts: list[str], reply: embed_pb2.EmbedResponse) -> None:
+        got = decode_tensor(reply.embeddings)
+        want = np.stack([self.reference[t] for t in texts])
+        if got.shape != want.shape or np.abs(got - want).max() > 1e-5:
+            self.wrong += 1
+        else:
+            self.ok += 1
+
+    def _batch(self) -> list[str]:
+        return self.random.sample(POOL, self.random.randint(1, 4))
+
+    async def run(self, requests: int, stop: threading.Event | None = None) -> None:
+        remaining = requests
+        async with grpc.aio.insecure_channel(self.address, options=channel_options()) as channel:
+            stub = embed_pb2_grpc.EmbedServiceStub(channel)
+
+            async def caller():
+                nonlocal remaining
+                while remaining > 0 and not (stop and stop.is_set()):
+                    if self.random.random() < 0.7:
+                        remaining -= 1
+                        texts = self._batch()
+                        try:
+                            reply = await stub.Embed(embed_pb2.EmbedRequest(
+                                inputs=[common_pb2.Input(text=t) for t in texts]), timeout=120)
+                            self._check(texts, reply)
+                        except grpc.aio.AioRpcError as err:
+                            self.failures.append((err.code(), err.details()))
+                    else:
+                        batches = [self._batch() for _ in range(self.random.randint(2, 5))]
+                        remaining -= len(batches)
+                        items = [embed_pb2.EmbedStreamRequest(id=str(i), request=embed_pb2.
+                                 EmbedRequest(inputs=[common_pb2.Input(text=t) for t in b]))
+                                 for i, b in enumerate(batches)]
+                        try:
+                            async for reply in stub.EmbedStream(iter(items), timeout=120):
+                                if reply.WhichOneof("result") == "error":
+                                    self.failures.append((reply.error.code, reply.error.message))
+                                else:
+                                    self._check(batches[int(reply.id)], reply.response)
+                        except grpc.aio.AioRpcError as err:
+                            self.failures.append((err.code(), err.details()))
+
+            await asyncio.gather(*(caller() for _ in range(self.callers)))
+
+
+def test_load_is_correct_and_memory_stays_flat(tmp_path, reference):
+    srv = ServerProcess(tmp_path / "server.log").wait_ready()
+    try:
+        rss = []
+        total = Load(srv.address, reference, callers=64)
+        for _ in range(3):
+            asyncio.run(total.run(1000))
+            rss.append(rss_kib(srv.proc.pid))
+        assert total.failures == [] and total.wrong == 0
+        assert total.ok >= 2400  # results checked (stream items count one each)
+        assert rss[2] <= rss[0] * 1.10, f"RSS grew from {rss[0]} to {rss[2]} KiB"
+    finally:
+        assert srv.terminate() == 0
+
+
+STREAMER = textwrap.dedent("""
+    import sys, grpc
+    from poolsvc.gen.v1 import common_pb2, embed_pb2, embed_pb2_grpc
+    def items():
+        for i in range(100000):
+            yield embed_pb2.EmbedStreamRequest(id=str(i), request=embed_pb2.EmbedRequest(
+                inputs=[common_pb2.Input(text="a client that vanishes " * 20)] * 8))
+    channel = grpc.insecure_channel(sys.argv[1])
+    for reply in embed_pb2_grpc.EmbedServiceStub(channel).EmbedStream(items()):
+        print(reply.id, flush=True)
+""")
+
+
+def test_cancelled_streams_and_vanished_clients_leave_nothing_behind(tmp_path, reference):
+    metrics = free_port()
+    srv = ServerProcess(tmp_path / "server.log", "--metrics-port", str(metrics)).wait_ready()
+    try:
+        # a client process that dies mid-stream
+        client = subprocess.Popen([sys.executable, "-c", STREAMER, srv.address],
+                                  stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        for _ in range(3):
+            client.stdout.readline()  # it is streaming
+        client.kill()
+        client.wait(30)
+
+        async def cancel_mid_stream():
+            async with grpc.aio.insecure_channel(srv.address) as channel:
+                call = embed_pb2_grpc.EmbedServiceStub(channel).EmbedStream(iter([
+                    embed_pb2.EmbedStreamRequest(id=str(i), request=embed_pb2.EmbedRequest(
+                        inputs=[common_pb2.Input(text="cancel me " * 30)] * 8))
+                    for i in range(200)]))
+                received = 0
+                async for _ in call:
+                    received += 1
+                    if received == 3:
+                        call.cancel()
+                        break
+                assert received == 3
+
+        asyncio.run(cancel_mid_stream())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = scrape(metrics)
+            if sample(text, "poolsvc_requests_in_flight") == 0 and \
+                    sample(text, "poolsvc_queue_depth") == 0:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("abandoned work still in flight:\n" + scrape(metrics))
+        load = Load(srv.address, reference, callers=8)
+        asyncio.run(load.run(50))  # still serving, still correct
+        assert load.failures == [] and load.wrong == 0 and load.ok >= 50
+    finally:
+        assert srv.terminate() == 0
+
+
+def test_sigterm_under_load_loses_nothing(tmp_path, reference):
+    srv = ServerProcess(tmp_path / "server.log", "--grace-period", "60").wait_ready()
+    load = Load(srv.address, reference, callers=64, seed=1)
+    stop = threading.Event()
+    runner = threading.Thread(target=lambda: asyncio.run(load.run(10**9, stop)))
+    runner.start()
+    time.sleep(3)
+    srv.proc.send_signal(signal.SIGTERM)
+    try:
+        assert srv.proc.wait(90) == 0
+    finally:
+        stop.set()
+        runner.join(120)
+        srv.terminate()
+    assert load.wrong == 0 and load.ok > 100
+    codes = {code for code, _ in load.failures}
+    assert codes <= {grpc.StatusCode.UNAVAILABLE}, load.failures[:5]
+
+
+HAPROXY = """
+global
+    log stderr format raw local0 warning
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response response-timeout
+frontend grpc
+    bind 127.0.0.1:{port} proto h2
+    default_backend replicas
+backend replicas
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+{servers}
+"""
+
+
+def test_two_replicas_behind_haproxy_survive_losing_one(tmp_path, reference):
+    probes = [free_port(), free_port()]
+    replicas = [ServerProcess(tmp_path / f"r{i}.log", "--metrics-port", str(port))
+                for i, port in enumerate(probes)]
+    front = free_port()
+    try:
+        for r in replicas:
+            r.wait_ready()
+        # gRPC to the replicas over h2c; health checks as HTTP/1 GET /readyz on their probe ports
+        servers = "\n".join(f"    server r{i} {r.address} proto h2 check check-proto h1 "
+                            f"port {port} inter 200ms fall 1 rise 2"
+                            for i, (r, port) in enumerate(zip(replicas, probes)))
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(HAPROXY.format(port=front, servers=servers))
+        proxy = subprocess.Popen(["haproxy", "-db", "-f", str(config)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            address = f"127.0.0.1:{front}"
+            _wait_until_serving(address)
+            load = Load(address, reference, callers=16, seed=2)
+            stop = threading.Event()
+            runner = threading.Thread(target=lambda: asyncio.run(load.run(10**9, stop)))
+            runner.start()
+            time.sleep(3)
+            served_before = load.ok
+            replicas[0].proc.kill()  # no drain: the replica vanishes under load
+            time.sleep(4)
+            stop.set()
+            runner.join(120)
+            assert load.failures == [], load.failures[:5]
+            assert load.wrong == 0 and load.ok > served_before > 0
+        finally:
+            proxy.terminate()
+            proxy.wait(30)
+    finally:
+        for r in replicas:
+            r.terminate()
+
+
+def _wait_until_serving(address: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = embed_pb2_grpc.EmbedServiceStub(channel)
+        while True:
+            try:
+                stub.Embed(embed_pb2.EmbedRequest(inputs=[common_pb2.Input(text="up?")]),
+                           timeout=5)
+                return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
