@@ -173,6 +173,11 @@ class ServerConfig:
                                        "is RESOURCE_EXHAUSTED", default=2048)
     max_chars_per_input: int = _opt("longest text accepted, in characters, checked before "
                                     "tokenizing; longer is RESOURCE_EXHAUSTED", default=100_000)
+    max_image_bytes: int = _opt("largest encoded image accepted, checked before decoding; larger "
+                                "is RESOURCE_EXHAUSTED", default=20 << 20)
+    max_image_pixels: int = _opt("most pixels (width x height) an image may decode to, read from "
+                                 "its header before decoding (decompression bombs); more is "
+                                 "RESOURCE_EXHAUSTED", default=50_000_000)
     max_message_bytes: int = _opt("largest request or response message", default=64 << 20)
     grace_period: float = _opt("seconds in-flight calls get to finish on SIGTERM", default=10.0)
     log_level: str = _opt("logging level", default="INFO",
@@ -207,6 +212,7 @@ class ServerConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_tokens", "max_batch_inputs", "max_stream_inflight",
                      "max_concurrent_requests", "max_inputs_per_request", "max_chars_per_input",
+                     "max_image_bytes", "max_image_pixels",
                      "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

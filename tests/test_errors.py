@@ -48,7 +48,7 @@ LONG = " ".join(["token"] * 300)  # 302 tokens with [CLS] and [SEP]; the model's
 CASES = {
     "empty batch": (dict(inputs=[]), INVALID, ["no inputs", "at least one"]),
     "empty input": (dict(inputs=[text("ok"), common_pb2.Input()]), INVALID,
-                    ["input 1 is empty", "set text or tokens"]),
+                    ["input 1 is empty", "set text, tokens or image"]),
     "over-long input, truncation off": (
         dict(inputs=[text("ok"), text(LONG)]), INVALID,
         ["input 1 has 302 tokens", "limit of 256", "truncation"]),

@@ -235,3 +235,41 @@ def load_ours(cls, directory: Path) -> torch.nn.Module:
     from poolsvc.engine.served import build_packed
     config = json.loads((directory / "config.json").read_text())
     return build_packed(cls, config, directory, allow_pickle=False).eval()
+
+
+def dual_encoder(directory: Path, family: str, seed: int = 0) -> Path:
+    """A tiny CLIPModel or SiglipModel with its image processor config and a tokenizer."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = bpe_tokenizer(directory, "decoder")  # "<|endoftext|>" (id 0) ends every text
+    torch.manual_seed(seed)
+    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, pad_token_id=1, bos_token_id=0, eos_token_id=0,
+                max_position_embeddings=64 if family == "siglip" else 77)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=8)
+    if family == "clip":
+        model = transformers.CLIPModel(transformers.CLIPConfig(
+            text_config=text, vision_config=vision, projection_dim=24))
+        processor = transformers.CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        model = transformers.SiglipModel(transformers.SiglipConfig(
+            text_config=text, vision_config=vision))
+        processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+    model.eval().save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()

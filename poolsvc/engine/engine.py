@@ -22,7 +22,7 @@ from poolsvc.engine.errors import (
     OverloadedError,
     UnavailableError,
 )
-from poolsvc.engine.packing import PackedBatch
+from poolsvc.engine.images import ImageInput, decode
 from poolsvc.engine.params import PoolingParams, PromptOptions, Task, Truncation
 from poolsvc.engine.request import Plan, Request, now_ns
 from poolsvc.engine.runner import BatchObserver, ModelRunner, WorkQueue
@@ -92,7 +92,7 @@ class Engine:
             for key in (model.name, *model.aliases):
                 self._models.setdefault(key, model)
             self._served.append(model)
-            _warm_up(model)
+            model.warm_up()
         self._runner.start()
         self.ready = True
 
@@ -132,9 +132,9 @@ class Engine:
                     normalize=_pick(params.normalize, model.normalize_default),
                     dimensions=params.dimensions, out_dtype=params.out_dtype)
         chunk = model.pooler_config.enable_chunked_processing
-        token_ids = self._tokenize(model, inputs, truncation, prompt, chunked=chunk)
+        token_ids, pixels = self._tokenize(model, inputs, truncation, prompt, chunked=chunk)
         return self._submit(model, plan, token_ids, None, clock,
-                            chunk_size=model.max_input_tokens if chunk else None)
+                            chunk_size=model.max_input_tokens if chunk else None, pixels=pixels)
 
     def classify(self, model_name: str, inputs: Seq[Prompt],
                  params: PoolingParams = PoolingParams(), truncation: Truncation = Truncation(),
@@ -146,7 +146,7 @@ class Engine:
         plan = Plan(Task.CLASSIFY, model.pooler(Task.CLASSIFY), tasks.finish_classify,
                     activation=model.activation(Task.CLASSIFY, params.activation),
                     out_dtype=params.out_dtype)
-        token_ids = self._tokenize(model, inputs, truncation, prompt)
+        token_ids, _ = self._tokenize(model, inputs, truncation, prompt)
         return self._submit(model, plan, token_ids, None, clock)
 
     def score(self, model_name: str, queries: Seq[Prompt], documents: Seq[Prompt],
@@ -158,13 +158,16 @@ class Engine:
         model = self._model_for(model_name, Task.SCORE)
         _reject(params, normalize="score", dimensions="score")
         pairs = _pairs(len(queries), len(documents))
-        if model.kind is Kind.EMBEDDING:  # bi-encoder: embed each text once, then cosine
+        if model.kind in (Kind.EMBEDDING, Kind.DUAL_ENCODER):  # embed each input once, cosine
             n = len(queries)
+            # CLIP / SigLIP: activation=false asks for the model's logits (scaled, biased cosine)
+            logit = model.module.logit_scale_and_bias() \
+                if model.kind is Kind.DUAL_ENCODER and params.activation is False else None
             plan = Plan(Task.SCORE, model.pooler(Task.SCORE), tasks.finish_cosine_score,
-                        normalize=True, pairs=tuple((q, n + d) for q, d in pairs))
-            token_ids = self._tokenize(model, [*queries, *documents], truncation, _NO_PROMPT,
-                                       count=len(pairs))
-            return self._submit(model, plan, token_ids, None, clock)
+                        normalize=True, pairs=tuple((q, n + d) for q, d in pairs), logit=logit)
+            token_ids, pixels = self._tokenize(model, [*queries, *documents], truncation,
+                                               _NO_PROMPT, count=len(pairs))
+            return self._submit(model, plan, token_ids, None, clock, pixels=pixels)
         texts = [*queries, *documents]
         self._check_limits(texts, len(pairs))
         if not all(isinstance(t, str) for t in texts):
@@ -202,7 +205,7 @@ class Engine:
                         activation=model.activation(task, params.activation),
                         out_dtype=params.out_dtype,
                         returned_token_ids=model.pooler_config.returned_token_ids)
-        token_ids = self._tokenize(model, inputs, truncation, prompt)
+        token_ids, _ = self._tokenize(model, inputs, truncation, prompt)
         return self._submit(model, plan, token_ids, None, clock)
 
     def tokenize(self, model_name: str, texts: Seq[str], truncation: Truncation = Truncation(),
@@ -232,7 +235,8 @@ class Engine:
 
     def _submit(self, model: ServedModel, plan: Plan, token_ids: list[list[int]],
                 token_type_ids: list[list[int]] | None, clock: Clock,
-                chunk_size: int | None = None) -> Future:
+                chunk_size: int | None = None,
+                pixels: list[torch.Tensor | None] | None = None) -> Future:
         tokenized = now_ns()
         if clock.deadline_ns is not None and clock.deadline_ns <= tokenized:
             raise DeadlineExceededError("the deadline passed during tokenization; nothing was "
@@ -247,7 +251,8 @@ class Engine:
             self._in_flight += 1
         req = Request(model=model, plan=plan, token_ids=token_ids, token_type_ids=token_type_ids,
                       arrival_ns=clock.arrival_ns, tokenized_ns=tokenized, chunk_size=chunk_size,
-                      deadline_ns=clock.deadline_ns)
+                      deadline_ns=clock.deadline_ns, pixels=pixels,
+                      image_tokens=getattr(model.module, "image_tokens", 0))
         req.future.add_done_callback(self._release)
         try:
             self._queue.put(req.sequences())
@@ -281,8 +286,10 @@ class Engine:
                                       f"server's limit of {chars} (--max-chars-per-input)")
 
     def _tokenize(self, model: ServedModel, inputs: Seq[Prompt], truncation: Truncation,
-                  prompt: PromptOptions, chunked: bool = False,
-                  count: int | None = None) -> list[list[int]]:
+                  prompt: PromptOptions, chunked: bool = False, count: int | None = None
+                  ) -> tuple[list[list[int]], list[torch.Tensor | None] | None]:
+        """Token ids per input, and pixels per input when some inputs are images (their token
+        ids are empty)."""
         if not inputs:
             raise InvalidInputError("the request has no inputs; send at least one")
         self._check_limits(inputs, count)
@@ -290,15 +297,15 @@ class Engine:
         if chunked and not cut:  # long inputs are split into chunks instead of rejected
             limit = model.pooler_config.max_embed_len or 16 * model.max_input_tokens
         tok = model.tokenizer
-        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
         out: list[list[int]] = [[] for _ in inputs]
-        if len(texts) < len(inputs):
-            if prompt.name or prompt.text:
-                raise InvalidInputError("a prompt applies to text inputs only: token-id inputs "
-                                        "must already contain it")
-            for i, x in enumerate(inputs):
-                if not isinstance(x, str):
-                    out[i] = tok.check_ids(x, i, limit, cut, truncation.side)
+        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+        images = [(i, x) for i, x in enumerate(inputs) if isinstance(x, ImageInput)]
+        for i, x in enumerate(inputs):
+            if not isinstance(x, (str, ImageInput)):
+                if prompt.name or prompt.text:
+                    raise InvalidInputError("a prompt applies to text inputs only: token-id "
+                                            "inputs must already contain it")
+                out[i] = tok.check_ids(x, i, limit, cut, truncation.side)
         if texts:
             prefix = tok.prompt_text(prompt)
             index = [i for i, _ in texts]
@@ -306,7 +313,17 @@ class Engine:
                                    indices=index)
             for i, enc in zip(index, encodings):
                 out[i] = enc.ids
-        return out
+        if not images:
+            return out, None
+        if "image" not in model.modalities:
+            raise InvalidInputError(f"input {images[0][0]} is an image, but model {model.name} "
+                                    "accepts text only; serve an image model (CLIP, SigLIP)")
+        decoded = [decode(x, i, self.config.max_image_bytes, self.config.max_image_pixels)
+                   for i, x in images]
+        pixels: list[torch.Tensor | None] = [None] * len(inputs)
+        for (i, _), tensor in zip(images, model.preprocess(decoded)):
+            pixels[i] = tensor
+        return out, pixels
 
 
 def _pick(requested: bool | None, default: bool) -> bool:
@@ -345,13 +362,3 @@ def _check_dimensions(model: ServedModel, dimensions: int | None) -> None:
     if allowed and dimensions not in allowed:
         raise InvalidInputError(f"{model.name} supports dimensions "
                                 f"{', '.join(map(str, allowed))}; got {dimensions}")
-
-
-def _warm_up(model: ServedModel) -> None:
-    """One short and one longest input through every pooler the model serves, so first requests
-    do not pay for lazy initialization."""
-    ids = [[0] * 8, [0] * model.max_input_tokens]
-    batch = PackedBatch.build(ids, None, model.device, model.module.position_offset)
-    hidden = model.forward(batch)
-    for task in model.tasks:
-        model.pool(hidden, batch, model.pooler(task), [0, 1])

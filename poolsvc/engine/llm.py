@@ -11,6 +11,7 @@ import torch
 
 from poolsvc.config import BUNDLED_MODEL, ModelSpec, PoolerConfig, PoolerOverride, ServerConfig
 from poolsvc.engine.engine import Engine, Prompt
+from poolsvc.engine.images import ImageInput
 from poolsvc.engine.outputs import Output
 from poolsvc.engine.params import PoolingParams, PromptOptions, Task, Truncation
 
@@ -145,11 +146,13 @@ def _inputs(prompts) -> list[Prompt]:
 
 def _as_input(prompt) -> Prompt:
     if isinstance(prompt, dict):
+        if "image" in prompt:  # encoded bytes or a PIL image
+            return ImageInput(prompt["image"], prompt.get("mime_type", ""))
         if "prompt_token_ids" in prompt:
             return list(prompt["prompt_token_ids"])
         if "prompt" in prompt:
             return prompt["prompt"]
-        raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        raise ValueError("a dict prompt needs 'prompt', 'prompt_token_ids' or 'image'")
     return prompt
 
 

@@ -29,8 +29,10 @@ class Plan:
     activation: Activation = Activation.IDENTITY
     out_dtype: OutputDType = OutputDType.FLOAT32
     returned_token_ids: tuple[int, ...] | None = None
-    # Score with an embedding model: (query input, document input) per pair.
+    # Score with an embedding model: (query input, document input) per pair, and for CLIP /
+    # SigLIP logits instead of the cosine, (scale, bias).
     pairs: tuple[tuple[int, int], ...] = ()
+    logit: tuple[float, float] | None = None
 
 
 @dataclass(eq=False)
@@ -44,6 +46,8 @@ class Request:
     token_type_ids: list[list[int]] | None    # per input, for pair encodings
     arrival_ns: int
     tokenized_ns: int
+    pixels: list[torch.Tensor | None] | None = None  # per input: an image's [3, H, W] pixels
+    image_tokens: int = 0                     # what one image costs in the token budget
     chunk_size: int | None = None             # split longer inputs into chunks of this size
     deadline_ns: int | None = None            # dropped unrun once now_ns() passes it
     future: Future = field(default_factory=Future)
@@ -64,6 +68,9 @@ class Request:
     def sequences(self) -> list[Sequence]:
         seqs = []
         for i, ids in enumerate(self.token_ids):
+            if self.pixels is not None and self.pixels[i] is not None:
+                seqs.append(Sequence(self, i, ids, None, self.pixels[i], self.image_tokens))
+                continue
             types = self.token_type_ids[i] if self.token_type_ids is not None else None
             size = self.chunk_size or len(ids)
             for start in range(0, len(ids), size):
@@ -76,7 +83,7 @@ class Request:
         """Records one sequence's output; True when the request is complete. Chunks of one input
         are averaged, weighted by their token counts."""
         i, weight = seq.index, seq.num_tokens
-        if len(self.token_ids[i]) == weight:
+        if seq.pixels is not None or len(self.token_ids[i]) == weight:
             self.rows[i] = output
         else:
             previous = self.rows[i]
@@ -111,10 +118,12 @@ class Sequence:
     index: int
     token_ids: list[int]
     token_type_ids: list[int] | None = None
+    pixels: torch.Tensor | None = None   # an image input instead of tokens
+    image_tokens: int = 0                # its cost in the batch's token budget
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return self.image_tokens if self.pixels is not None else len(self.token_ids)
 
 
 def now_ns() -> int:

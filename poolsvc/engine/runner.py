@@ -13,9 +13,7 @@ import torch
 
 from poolsvc.engine.batcher import next_batch
 from poolsvc.engine.errors import DeadlineExceededError, UnavailableError
-from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.request import Sequence, now_ns
-from poolsvc.engine.served import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +123,15 @@ class ModelRunner:
                 if not live:
                     continue
                 batch, packed = live, prepare(live)
-            self.queue.stats.update(batches=1, sequences=len(batch), tokens=packed.num_tokens)
+            tokens = sum(s.num_tokens for s in batch)
+            self.queue.stats.update(batches=1, sequences=len(batch), tokens=tokens)
             started = time.perf_counter()
             try:
                 deliver(batch, run(batch, packed))
             except Exception as exc:  # a bug or a device fault: fail this batch, keep serving
                 fail(batch, exc)
             if self.on_batch is not None:
-                self.on_batch(batch[0].request.model.name, len(batch), packed.num_tokens,
+                self.on_batch(batch[0].request.model.name, len(batch), tokens,
                               time.perf_counter() - started)
 
 
@@ -142,33 +141,18 @@ def fail(batch: list[Sequence], exc: Exception) -> None:
         req.resolve(error=exc)
 
 
-def prepare(batch: list[Sequence]) -> PackedBatch:
+def prepare(batch: list[Sequence]):
     """The batch's device tensors, built on the host and copied once."""
-    model: ServedModel = batch[0].request.model
-    types = None
-    if any(s.token_type_ids is not None for s in batch):
-        types = [s.token_type_ids or [0] * s.num_tokens for s in batch]
-    return PackedBatch.build([s.token_ids for s in batch], types, model.device,
-                             model.module.position_offset)
+    return batch[0].request.model.prepare(batch)
 
 
-def run(batch: list[Sequence], packed: PackedBatch) -> list[torch.Tensor]:
-    """One forward pass for the batch, then each pooler its sequences need; outputs on the host,
-    one per sequence, in batch order (one device-to-host copy per pooler)."""
-    model: ServedModel = batch[0].request.model
+def run(batch: list[Sequence], prepared) -> list[torch.Tensor]:
+    """The batch on the device; outputs on the host, one per sequence, in batch order."""
     started = now_ns()
     for seq in batch:
         if not seq.request.started_ns:
             seq.request.started_ns = started
-    hidden = model.forward(packed)
-    groups: dict = {}
-    for i, seq in enumerate(batch):
-        groups.setdefault(seq.request.plan.pooler, []).append(i)
-    outputs: list = [None] * len(batch)
-    for pooler, seqs in groups.items():
-        for i, out in zip(seqs, model.pool(hidden, packed, pooler, seqs)):
-            outputs[i] = out
-    return outputs
+    return batch[0].request.model.compute(batch, prepared)
 
 
 def deliver(batch: list[Sequence], outputs: list[torch.Tensor]) -> None:

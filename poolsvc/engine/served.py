@@ -21,11 +21,12 @@ from poolsvc.engine.loader import (
     read_model_files,
     resolve,
 )
-from poolsvc.engine.models import ARCHITECTURES, hf_fallback
+from poolsvc.engine.models import ARCHITECTURES, dual, hf_fallback
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import Activation, PoolingType, Task
 from poolsvc.engine.pooling import SEQUENCE_POOLERS, DenseHead, token_rows
 from poolsvc.engine.quantize import quantize_int8
+from poolsvc.engine.request import Sequence
 from poolsvc.engine.tokenizer import TextTokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ _KERNEL_POOLING = (PoolingType.CLS, PoolingType.LAST, PoolingType.MEAN)
 
 class Kind(enum.Enum):
     EMBEDDING = "embedding"    # a body: hidden states, pooled into embeddings
+    DUAL_ENCODER = "dual-encoder"  # CLIP / SigLIP: text and image towers into one space
     CLASSIFIER = "classifier"  # a head on one pooled row per sequence
     REWARD = "reward"          # a head on every token
 
@@ -73,6 +75,8 @@ class ServedModel:
     fused: bool = False  # Triton kernels for pooling (and the model's fused layers)
 
     # --- what the model is and serves -----------------------------------------------------------
+
+    modalities = ("text",)
 
     @property
     def kind(self) -> Kind:
@@ -116,7 +120,7 @@ class ServedModel:
 
     @property
     def num_labels(self) -> int:
-        return self.module.num_labels if self.kind is not Kind.EMBEDDING else 0
+        return self.module.num_labels if self.kind in (Kind.CLASSIFIER, Kind.REWARD) else 0
 
     @property
     def labels(self) -> list[str]:
@@ -195,6 +199,36 @@ class ServedModel:
 
     # --- device work -----------------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """One short and one longest input through every pooler the model serves, so first
+        requests do not pay for lazy initialization."""
+        ids = [[0] * 8, [0] * self.max_input_tokens]
+        batch = PackedBatch.build(ids, None, self.device, self.module.position_offset)
+        hidden = self.forward(batch)
+        for task in self.tasks:
+            self.pool(hidden, batch, self.pooler(task), [0, 1])
+
+    def prepare(self, seqs: list[Sequence]) -> PackedBatch:
+        """A batch's device tensors (built while the previous batch runs)."""
+        types = None
+        if any(s.token_type_ids is not None for s in seqs):
+            types = [s.token_type_ids or [0] * s.num_tokens for s in seqs]
+        return PackedBatch.build([s.token_ids for s in seqs], types, self.device,
+                                 self.module.position_offset)
+
+    def compute(self, seqs: list[Sequence], batch: PackedBatch) -> list[torch.Tensor]:
+        """One forward pass, then each pooler the sequences need (one device-to-host copy
+        each); outputs in `seqs` order."""
+        hidden = self.forward(batch)
+        groups: dict[DevicePooler, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            groups.setdefault(seq.request.plan.pooler, []).append(i)
+        outputs: list = [None] * len(seqs)
+        for pooler, members in groups.items():
+            for i, out in zip(members, self.pool(hidden, batch, pooler, members)):
+                outputs[i] = out
+        return outputs
+
     @torch.inference_mode()
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         return self.module(batch)  # [num_tokens, hidden]
@@ -223,6 +257,85 @@ class ServedModel:
             rows = self.module.head(rows.to(self.dtype))
         rows = rows.float().cpu()
         return list(rows.split(sizes)) if sizes is not None else list(rows)
+
+
+@dataclass(eq=False)
+class DualEncoderModel(ServedModel):
+    """CLIP / SigLIP: inputs are texts or images, each through its own tower."""
+
+    modalities = ("text", "image")
+
+    @property
+    def kind(self) -> Kind:
+        return Kind.DUAL_ENCODER
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return (Task.EMBED, Task.SCORE)
+
+    @property
+    def embed_dimensions(self) -> int:
+        return self.module.dimensions
+
+    @property
+    def hidden_size(self) -> int:
+        return self.module.dimensions
+
+    @property
+    def pooling_type(self) -> PoolingType:
+        return PoolingType.CLS  # the towers pool themselves (CLIP: end-of-text and class token)
+
+    def pooler(self, task: Task) -> DevicePooler:
+        return DevicePooler(PoolingType.CLS, Head.MODEL)
+
+    def prepare(self, seqs: list[Sequence]):
+        """(padded text ids [texts, width], their mask, stacked pixels [images, 3, H, W])."""
+        texts = [s.token_ids for s in seqs if s.pixels is None]
+        ids = mask = pixels = None
+        if texts:
+            width = self.module.text_positions if self.module.pad_to_max else max(map(len, texts))
+            ids = torch.full((len(texts), width), self.module.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(texts), width), dtype=torch.long)
+            for row, t in enumerate(texts):
+                ids[row, :len(t)] = torch.tensor(t)
+                mask[row, :len(t)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+        images = [s.pixels for s in seqs if s.pixels is not None]
+        if images:
+            pixels = torch.stack(images).to(self.device, self.dtype)
+        return ids, mask, pixels
+
+    def compute(self, seqs: list[Sequence], prepared) -> list[torch.Tensor]:
+        ids, mask, pixels = prepared
+        texts = iter(self.module.text_features(ids, mask).float().cpu() if ids is not None else ())
+        images = iter(self.module.image_features(pixels).float().cpu()
+                      if pixels is not None else ())
+        return [next(images) if s.pixels is not None else next(texts) for s in seqs]
+
+    def preprocess(self, images: list) -> list[torch.Tensor]:
+        return self.module.preprocess(images)
+
+    def warm_up(self) -> None:
+        from PIL import Image
+        ids = torch.zeros((1, 8), dtype=torch.long, device=self.device)
+        self.module.text_features(ids, torch.ones_like(ids))
+        (pixels,) = self.preprocess([Image.new("RGB", (32, 32))])
+        self.module.image_features(pixels[None].to(self.device, self.dtype))
+
+
+def _load_dual(spec: ModelSpec, files: ModelFiles, device: torch.device, dtype: torch.dtype,
+               allow_pickle: bool, is_default: bool,
+               pooler_config: PoolerConfig) -> DualEncoderModel:
+    module = dual.load(files, allow_pickle, dtype, device)
+    text = module.model.config.text_config
+    tokenizer = TextTokenizer(load_hf_tokenizer(files.path, files.lowercase), text.vocab_size,
+                              files.prompts, files.default_prompt_name)
+    limits = [module.text_positions] + ([files.max_input_tokens] if files.max_input_tokens else [])
+    return DualEncoderModel(name=spec.name, files=files, module=module, dense=None,
+                            tokenizer=tokenizer, device=device, dtype=dtype,
+                            max_input_tokens=min(limits), vocab_size=text.vocab_size,
+                            is_default=is_default, pooler_config=pooler_config,
+                            implementation="transformers")
 
 
 def _load_dense(specs: tuple[DenseSpec, ...], hidden_size: int,
@@ -277,6 +390,10 @@ def load_served_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                       quantize: str = "none", use_kernels: bool = True) -> ServedModel:
     path, aliases = resolve(spec.source, allow_pickle)
     files = read_model_files(path, spec.source, aliases)
+    if files.architecture in dual.ARCHITECTURES:
+        if quantize != "none":
+            raise ModelLoadError(f"{spec.name}: --quantize does not apply to CLIP / SigLIP")
+        return _load_dual(spec, files, device, dtype, allow_pickle, is_default, pooler_config)
     module, implementation = _build_module(files, allow_pickle)
     module = module.to(device=device, dtype=dtype).eval()
     if quantize == "int8":

@@ -38,6 +38,9 @@ def finish_cosine_score(req: Request) -> ScoreOutput:
     vectors = torch.stack(req.rows)
     queries, documents = zip(*req.plan.pairs)
     scores = F.cosine_similarity(vectors[list(queries)], vectors[list(documents)], dim=-1)
+    if req.plan.logit is not None:
+        scale, bias = req.plan.logit
+        scores = scores * scale + bias
     common = _common(req)
     common["token_ids"] = [req.token_ids[q] + req.token_ids[d] for q, d in req.plan.pairs]
     return ScoreOutput(scores=scores.numpy(), **common)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from poolsvc.engine.errors import InvalidInputError, UnsupportedError
+from poolsvc.engine.images import ImageInput
 from poolsvc.engine.outputs import ClassifyOutput, EmbedOutput, EncodeOutput, ScoreOutput
 from poolsvc.engine.params import (
     OutputDType,
@@ -37,8 +38,8 @@ _SIDES = {
 }
 
 
-def inputs(messages, name: str = "input") -> list[str | list[int]]:
-    out: list[str | list[int]] = []
+def inputs(messages, name: str = "input") -> list[str | list[int] | ImageInput]:
+    out: list[str | list[int] | ImageInput] = []
     for i, msg in enumerate(messages):
         kind = msg.WhichOneof("content")
         if kind == "text":
@@ -46,9 +47,9 @@ def inputs(messages, name: str = "input") -> list[str | list[int]]:
         elif kind == "tokens":
             out.append(list(msg.tokens.ids))
         elif kind == "image":
-            raise InvalidInputError(f"{name} {i} is an image, but the model accepts text only")
+            out.append(ImageInput(msg.image.data, msg.image.mime_type))
         else:
-            raise InvalidInputError(f"{name} {i} is empty: set text or tokens")
+            raise InvalidInputError(f"{name} {i} is empty: set text, tokens or image")
     return out
 
 

@@ -301,5 +301,6 @@ def model_info(model: ServedModel) -> model_pb2.ModelInfo:
         compute_dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
         pooling_type=_POOLING[model.pooling_type], normalize_default=model.normalize_default,
         prompts=files.prompts, default_prompt_name=files.default_prompt_name or "",
-        labels=model.labels, modalities=[common_pb2.MODALITY_TEXT],
+        labels=model.labels,
+        modalities=[common_pb2.Modality.Value(f"MODALITY_{m.upper()}") for m in model.modalities],
         architecture=files.architecture, implementation=model.implementation)

@@ -24,12 +24,14 @@ _DTYPES = {"float32": tensor_pb2.DATA_TYPE_FLOAT32, "float16": tensor_pb2.DATA_T
            "bfloat16": tensor_pb2.DATA_TYPE_BFLOAT16}
 _SIDES = {"right": common_pb2.TRUNCATION_SIDE_RIGHT, "left": common_pb2.TRUNCATION_SIDE_LEFT}
 
-Text = str | Sequence[int]  # a text, or token ids
+Text = str | bytes | Sequence[int]  # a text, an encoded image (PNG, JPEG, WebP), or token ids
 
 
 def _input(item: Text) -> common_pb2.Input:
     if isinstance(item, str):
         return common_pb2.Input(text=item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return common_pb2.Input(image=common_pb2.Image(data=bytes(item)))
     return common_pb2.Input(tokens=common_pb2.TokenIds(ids=list(item)))
 
 

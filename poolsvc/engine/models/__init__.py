@@ -1,6 +1,7 @@
 """One file per architecture; parameter names follow Hugging Face so one loader fills them all.
 
-Architectures not listed here are served through transformers (models/hf_fallback.py)."""
+CLIP and SigLIP (models/dual.py) and architectures not listed here are served through
+transformers (models/hf_fallback.py)."""
 
 from __future__ import annotations
 
