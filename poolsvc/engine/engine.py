@@ -252,7 +252,7 @@ class Engine:
         req = Request(model=model, plan=plan, token_ids=token_ids, token_type_ids=token_type_ids,
                       arrival_ns=clock.arrival_ns, tokenized_ns=tokenized, chunk_size=chunk_size,
                       deadline_ns=clock.deadline_ns, pixels=pixels,
-                      image_tokens=getattr(model.module, "image_tokens", 0))
+                      image_tokens=model.image_tokens)
         req.future.add_done_callback(self._release)
         try:
             self._queue.put(req.sequences())

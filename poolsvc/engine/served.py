@@ -77,6 +77,7 @@ class ServedModel:
     # --- what the model is and serves -----------------------------------------------------------
 
     modalities = ("text",)
+    image_tokens = 0  # what one image costs in the batch token budget (image models only)
 
     @property
     def kind(self) -> Kind:
@@ -266,6 +267,10 @@ class DualEncoderModel(ServedModel):
     modalities = ("text", "image")
 
     @property
+    def image_tokens(self) -> int:
+        return self.module.image_tokens
+
+    @property
     def kind(self) -> Kind:
         return Kind.DUAL_ENCODER
 
@@ -327,15 +332,22 @@ def _load_dual(spec: ModelSpec, files: ModelFiles, device: torch.device, dtype: 
                allow_pickle: bool, is_default: bool,
                pooler_config: PoolerConfig) -> DualEncoderModel:
     module = dual.load(files, allow_pickle, dtype, device)
-    text = module.model.config.text_config
-    tokenizer = TextTokenizer(load_hf_tokenizer(files.path, files.lowercase), text.vocab_size,
-                              files.prompts, files.default_prompt_name)
-    limits = [module.text_positions] + ([files.max_input_tokens] if files.max_input_tokens else [])
+    vocab_size = module.model.config.text_config.vocab_size
     return DualEncoderModel(name=spec.name, files=files, module=module, dense=None,
-                            tokenizer=tokenizer, device=device, dtype=dtype,
-                            max_input_tokens=min(limits), vocab_size=text.vocab_size,
-                            is_default=is_default, pooler_config=pooler_config,
-                            implementation="transformers")
+                            tokenizer=_tokenizer(files, vocab_size), device=device, dtype=dtype,
+                            max_input_tokens=_input_limit(files, module.text_positions),
+                            vocab_size=vocab_size, is_default=is_default,
+                            pooler_config=pooler_config, implementation="transformers")
+
+
+def _tokenizer(files: ModelFiles, vocab_size: int) -> TextTokenizer:
+    return TextTokenizer(load_hf_tokenizer(files.path, files.lowercase), vocab_size,
+                         files.prompts, files.default_prompt_name)
+
+
+def _input_limit(files: ModelFiles, positions: int) -> int:
+    """The model's position table, capped by its configured maximum (max_seq_length)."""
+    return min(positions, int(files.max_input_tokens or positions))
 
 
 def _load_dense(specs: tuple[DenseSpec, ...], hidden_size: int,
@@ -406,15 +418,11 @@ def load_served_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
     if dense is not None:
         dense = dense.to(device=device, dtype=dtype).eval()
 
-    limits = [module.max_positions]
-    if files.max_input_tokens:
-        limits.append(int(files.max_input_tokens))
     vocab_size = int(files.hf_config["vocab_size"])
-    tokenizer = TextTokenizer(load_hf_tokenizer(path, files.lowercase), vocab_size, files.prompts,
-                              files.default_prompt_name)
     model = ServedModel(name=spec.name, files=files, module=module, dense=dense,
-                        tokenizer=tokenizer, device=device, dtype=dtype,
-                        max_input_tokens=min(limits), vocab_size=vocab_size,
+                        tokenizer=_tokenizer(files, vocab_size), device=device, dtype=dtype,
+                        max_input_tokens=_input_limit(files, module.max_positions),
+                        vocab_size=vocab_size,
                         is_default=is_default, pooler_config=pooler_config,
                         implementation=implementation)
     if use_kernels and device.type == "cuda" and fused.available():

@@ -141,8 +141,8 @@ class _EngineServicer:
         self.engine, self.pool, self.stream_limit = engine, pool, stream_limit
         self.metrics = metrics
 
-    def _stream(self, requests, context, handle, response_type) -> AsyncIterator:
-        rpc = f"{self.SERVICE}/{handle.__name__.lstrip('_').capitalize()}Stream"
+    def _stream(self, method: str, requests, context, handle, response_type) -> AsyncIterator:
+        rpc = f"{self.SERVICE}/{method}"
 
         def record(code: str, seconds: float, response) -> None:
             self.metrics.on_rpc(rpc, code, seconds)
@@ -174,7 +174,8 @@ class EmbedServicer(_EngineServicer, embed_pb2_grpc.EmbedServiceServicer):
         return await self._embed(request, context)
 
     async def EmbedStream(self, request_iterator, context):
-        async for response in self._stream(request_iterator, context, self._embed,
+        async for response in self._stream("EmbedStream", request_iterator, context,
+                                           self._embed,
                                            embed_pb2.EmbedStreamResponse):
             yield response
 
@@ -194,7 +195,8 @@ class ClassifyServicer(_EngineServicer, classify_pb2_grpc.ClassifyServiceService
         return await self._classify(request, context)
 
     async def ClassifyStream(self, request_iterator, context):
-        async for response in self._stream(request_iterator, context, self._classify,
+        async for response in self._stream("ClassifyStream", request_iterator, context,
+                                           self._classify,
                                            classify_pb2.ClassifyStreamResponse):
             yield response
 
@@ -216,7 +218,8 @@ class ScoreServicer(_EngineServicer, score_pb2_grpc.ScoreServiceServicer):
         return await self._score(request, context)
 
     async def ScoreStream(self, request_iterator, context):
-        async for response in self._stream(request_iterator, context, self._score,
+        async for response in self._stream("ScoreStream", request_iterator, context,
+                                           self._score,
                                            score_pb2.ScoreStreamResponse):
             yield response
 
@@ -251,7 +254,8 @@ class EncodeServicer(_EngineServicer, encode_pb2_grpc.EncodeServiceServicer):
         return await self._encode(request, context)
 
     async def EncodeStream(self, request_iterator, context):
-        async for response in self._stream(request_iterator, context, self._encode,
+        async for response in self._stream("EncodeStream", request_iterator, context,
+                                           self._encode,
                                            encode_pb2.EncodeStreamResponse):
             yield response
 
