@@ -36,9 +36,14 @@ if AVAILABLE:
     import triton.language as tl
 
     @triton.jit
-    def _pool_kernel(hidden_ptr, cu_seqlens_ptr, out_ptr, stride_hidden, stride_out, dimensions,
-                     METHOD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        seq = tl.program_id(0)
+    def _pool_kernel(hidden_ptr, cu_seqlens_ptr, seq_index_ptr, out_ptr, stride_hidden,
+                     stride_out, dimensions, METHOD: tl.constexpr, HAS_INDEX: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        row_out = tl.program_id(0)
+        if HAS_INDEX:  # output row i pools sequence seq_index[i]
+            seq = tl.load(seq_index_ptr + row_out)
+        else:
+            seq = row_out
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
         col_mask = cols < dimensions
         start = tl.load(cu_seqlens_ptr + seq)
@@ -62,7 +67,7 @@ if AVAILABLE:
             x = tl.load(hidden_ptr + row.to(tl.int64) * stride_hidden + cols,
                         mask=cols < loaded, other=0.0)
             pooled = x.to(tl.float32)
-        tl.store(out_ptr + seq.to(tl.int64) * stride_out + cols,
+        tl.store(out_ptr + row_out.to(tl.int64) * stride_out + cols,
                  pooled.to(out_ptr.dtype.element_ty), mask=col_mask)
 
     @triton.jit
@@ -96,18 +101,23 @@ def _pool_method(method) -> PoolMethod:
 
 def _check_args(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, method,
                 dimensions: int | None, out_dtype: torch.dtype | None,
-                out: torch.Tensor | None) -> tuple[PoolMethod, int, torch.dtype]:
+                out: torch.Tensor | None,
+                seq_index: torch.Tensor | None) -> tuple[PoolMethod, int, torch.dtype, int]:
     check_tensor("hidden_states", hidden_states, shape=(None, None), dtypes=FLOAT_DTYPES,
                  rows_only=True)
     check_tensor("cu_seqlens", cu_seqlens, shape=(None,), dtypes=(torch.int32,))
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must hold num_seqs + 1 offsets, got an empty tensor")
+    num_rows = cu_seqlens.numel() - 1
+    if seq_index is not None:
+        check_tensor("seq_index", seq_index, shape=(None,), dtypes=(torch.int32, torch.int64))
+        num_rows = seq_index.numel()
     hidden = hidden_states.shape[1]
     dimensions = hidden if dimensions is None else dimensions
     if not 1 <= dimensions <= hidden:
         raise ValueError(f"dimensions must be in [1, {hidden}] (the hidden size), got {dimensions}")
     if out is not None:
-        check_tensor("out", out, shape=(cu_seqlens.numel() - 1, dimensions), dtypes=FLOAT_DTYPES,
+        check_tensor("out", out, shape=(num_rows, dimensions), dtypes=FLOAT_DTYPES,
                      rows_only=True)
         if out_dtype is not None and out_dtype != out.dtype:
             raise ValueError(f"out_dtype {out_dtype} does not match out's dtype {out.dtype}")
@@ -115,14 +125,16 @@ def _check_args(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, method,
     out_dtype = torch.float32 if out_dtype is None else out_dtype
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
-    return _pool_method(method), dimensions, out_dtype
+    return _pool_method(method), dimensions, out_dtype, num_rows
 
 
 def pool(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, method: PoolMethod,
          dimensions: int | None = None, normalize: bool = False,
-         out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+         seq_index: torch.Tensor | None = None) -> torch.Tensor:
     """One pooled row per sequence: [num_seqs, dimensions] in `out_dtype` (default float32, or
-    out's dtype), written into `out` when given.
+    out's dtype), written into `out` when given. With `seq_index` ([n] int32/int64), only those
+    sequences, in that order: [n, dimensions].
 
     hidden_states: [num_tokens, hidden] float32/float16/bfloat16, rows may be strided.
     cu_seqlens: [num_seqs + 1] int32 with sequence i in rows cu_seqlens[i]:cu_seqlens[i + 1];
@@ -130,12 +142,12 @@ def pool(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, method: PoolMeth
     at most num_tokens. dimensions: the kept prefix of each row (Matryoshka), None for all.
     normalize: L2-normalize the kept prefix.
     """
-    method, dimensions, out_dtype = _check_args(hidden_states, cu_seqlens, method, dimensions,
-                                                out_dtype, out)
-    num_seqs = cu_seqlens.numel() - 1
+    method, dimensions, out_dtype, num_seqs = _check_args(hidden_states, cu_seqlens, method,
+                                                          dimensions, out_dtype, out, seq_index)
     if out is None:
         out = torch.empty(num_seqs, dimensions, dtype=out_dtype, device=hidden_states.device)
-    check_launch(_pool_kernel, hidden_states=hidden_states, cu_seqlens=cu_seqlens, out=out)
+    check_launch(_pool_kernel, hidden_states=hidden_states, cu_seqlens=cu_seqlens, out=out,
+                 seq_index=seq_index)
     if num_seqs == 0:
         return out
     if normalize and out.dtype != torch.float32:
@@ -144,8 +156,9 @@ def pool(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, method: PoolMeth
         rows = out
     block_d = min(triton.next_power_of_2(dimensions), 128)
     _pool_kernel[(num_seqs, triton.cdiv(dimensions, block_d))](
-        hidden_states, cu_seqlens, rows, hidden_states.stride(0), rows.stride(0), dimensions,
-        METHOD=int(method), BLOCK_T=16, BLOCK_D=block_d, num_warps=4)
+        hidden_states, cu_seqlens, cu_seqlens if seq_index is None else seq_index, rows,
+        hidden_states.stride(0), rows.stride(0), dimensions, METHOD=int(method),
+        HAS_INDEX=seq_index is not None, BLOCK_T=16, BLOCK_D=block_d, num_warps=4)
     if normalize:
         block_d = min(triton.next_power_of_2(dimensions), 1024)
         _l2_normalize_kernel[(num_seqs,)](rows, out, rows.stride(0), out.stride(0), dimensions,
@@ -155,7 +168,8 @@ def pool(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, method: PoolMeth
 
 def pool_reference(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, method: PoolMethod,
                    dimensions: int | None = None, normalize: bool = False,
-                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.float32,
+                   seq_index: torch.Tensor | None = None) -> torch.Tensor:
     """`pool` in plain PyTorch, one sequence at a time."""
     method = _pool_method(method)
     dimensions = hidden_states.shape[1] if dimensions is None else dimensions
@@ -172,6 +186,8 @@ def pool_reference(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, method
             pooled[i] = rows[-1]
         else:
             pooled[i] = rows.sum(0) / (end - start)
+    if seq_index is not None:
+        pooled = pooled[seq_index.long()]
     pooled = pooled[:, :dimensions]
     if normalize:
         pooled = F.normalize(pooled, p=2.0, dim=-1, eps=NORM_EPS)

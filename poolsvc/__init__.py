@@ -2,13 +2,19 @@
 
 __version__ = "0.1.0"
 
+# The offline API, by vLLM's names. It pulls in torch, so it is imported on first use:
+# `import poolsvc` (the client, the stubs) must not.
+_OFFLINE = ("LLM", "PoolingParams", "PoolingOutput", "EmbeddingOutput", "ClassificationOutput",
+            "ScoringOutput", "PoolingRequestOutput", "EmbeddingRequestOutput",
+            "ClassificationRequestOutput", "ScoringRequestOutput")
+
 
 def __getattr__(name: str):
-    # The offline API pulls in torch; `import poolsvc` (the client, the stubs) must not.
-    if name == "LLM":
-        from poolsvc.engine.llm import LLM
-        return LLM
-    if name == "PoolingParams":
-        from poolsvc.engine.params import PoolingParams
-        return PoolingParams
+    if name in _OFFLINE:
+        from poolsvc.engine import llm
+        return getattr(llm, name)
     raise AttributeError(f"module 'poolsvc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_OFFLINE])

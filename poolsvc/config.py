@@ -1,167 +1,33 @@
-"""Every server default, written once. The CLI is generated from these dataclasses."""
+"""Settings of `poolsvc serve`: the engine's (engine/config.py) and the server's own, each default
+written once. The CLI is generated from these dataclasses."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from poolsvc.engine.params import PoolingType
-
-BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
-# The hub id of the bundled model: served from the bundled copy when the package is installed.
-BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One served model: where its files come from and the name requests use for it."""
-
-    source: str
-    name: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> ModelSpec:
-        """`[NAME=]PATH_OR_HUB_ID`; NAME defaults to the source's last path component."""
-        name, sep, source = text.partition("=")
-        if not sep:
-            name, source = "", text
-        return cls(source=source.strip(), name=name.strip())
-
-    def __post_init__(self):
-        if not self.source:
-            raise ConfigError("--model needs a directory, a hub id, or " + BUNDLED_MODEL)
-        if not self.name:
-            object.__setattr__(self, "name", self.source.rstrip("/").split("/")[-1].split(":")[-1])
-        if not _NAME.match(self.name):
-            raise ConfigError(f"model name {self.name!r} may only use letters, digits and ._/:-")
+from poolsvc.engine.config import (  # noqa: F401  (re-exported: the settings' one import)
+    BUNDLED_HUB_ID,
+    BUNDLED_MODEL,
+    DTYPES,
+    ConfigError,
+    EngineConfig,
+    Limits,
+    ModelSpec,
+    PoolerConfig,
+    PoolerOverride,
+)
+from poolsvc.engine.config import option as _opt
 
 
 @dataclass(frozen=True)
-class PoolerConfig:
-    """Server-side pooling overrides for a model (vLLM's --override-pooler-config). Unset fields
-    leave the model's own configuration in force; requests can still override per call."""
+class ServerConfig(EngineConfig):
+    """Settings of `poolsvc serve`: the engine's, then the server's; field help texts become the
+    CLI's."""
 
-    pooling_type: PoolingType | None = None
-    normalize: bool | None = None
-    # Whether classification / scoring / reward outputs go through the task's activation.
-    activation: bool | None = None
-    # STEP pooling: the token id that marks the end of a step, and which columns of the head's
-    # output to return (process reward models).
-    step_tag_id: int | None = None
-    returned_token_ids: tuple[int, ...] | None = None
-    # Embed inputs longer than the model's limit in chunks, then average them weighted by tokens.
-    enable_chunked_processing: bool = False
-    # With chunking: the longest input accepted, in tokens (default: 16 chunks' worth).
-    max_embed_len: int | None = None
-
-    @classmethod
-    def from_json(cls, text: str) -> PoolerConfig:
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"--pooler-config is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError("--pooler-config must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(data) - known):
-            raise ConfigError(f"--pooler-config has unknown keys {unknown}; known: {sorted(known)}")
-        if data.get("pooling_type") is not None:
-            name = str(data["pooling_type"]).upper()
-            try:
-                data["pooling_type"] = PoolingType[name]
-            except KeyError:
-                raise ConfigError(f"pooling_type {name!r} is not one of "
-                                  f"{[p.name for p in PoolingType]}") from None
-        if data.get("returned_token_ids") is not None:
-            data["returned_token_ids"] = tuple(data["returned_token_ids"])
-        return cls(**data)
-
-    def __post_init__(self):
-        for name in ("normalize", "activation", "enable_chunked_processing"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                raise ConfigError(f"pooler config {name} must be true or false")
-        for name in ("step_tag_id", "max_embed_len"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"pooler config {name} must be a positive integer")
-        ids = self.returned_token_ids
-        if ids is not None and (not ids or not all(isinstance(i, int) and i >= 0 for i in ids)):
-            raise ConfigError("pooler config returned_token_ids must be a list of token ids")
-
-    def merged(self, other: PoolerConfig) -> PoolerConfig:
-        """This config with `other`'s explicitly set fields on top."""
-        changes = {f.name: getattr(other, f.name) for f in dataclasses.fields(other)
-                   if getattr(other, f.name) != f.default}
-        return dataclasses.replace(self, **changes)
-
-
-@dataclass(frozen=True)
-class PoolerOverride:
-    """`--pooler-config [NAME=]JSON`: for the model served as NAME, or for every model."""
-
-    model: str
-    config: PoolerConfig
-
-    @classmethod
-    def parse(cls, text: str) -> PoolerOverride:
-        text = text.strip()
-        name, sep, rest = text.partition("=")
-        if text.startswith("{") or not sep:
-            return cls("", PoolerConfig.from_json(text))
-        return cls(name.strip(), PoolerConfig.from_json(rest))
-
-
-def _opt(help: str, **kw):
-    return field(metadata={"help": help, **kw.pop("meta", {})}, **kw)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Settings of `poolsvc serve`; field help texts become the CLI's."""
-
-    models: tuple[ModelSpec, ...] = _opt(
-        "[NAME=]PATH_OR_HUB_ID of a model to serve (a Sentence-Transformers or Hugging Face "
-        "directory, or a hub id); repeat to serve several, the first is the default. "
-        f"Default: the bundled all-MiniLM-L6-v2 ({BUNDLED_MODEL})",
-        default=(ModelSpec(BUNDLED_MODEL),),
-        meta={"flag": "--model", "repeat": ModelSpec.parse, "metavar": "[NAME=]PATH_OR_HUB_ID"})
-    pooler_configs: tuple[PoolerOverride, ...] = _opt(
-        "[NAME=]JSON pooling overrides, e.g. '{\"pooling_type\": \"MEAN\", \"normalize\": false}'; "
-        "keys: pooling_type, normalize, activation, step_tag_id, returned_token_ids, "
-        "enable_chunked_processing, max_embed_len. Without NAME it applies to every model; "
-        "repeatable", default=(),
-        meta={"flag": "--pooler-config", "repeat": PoolerOverride.parse,
-              "metavar": "[NAME=]JSON"})
     host: str = _opt("address to listen on", default="127.0.0.1")
     port: int = _opt("port to listen on (0 picks a free one)", default=50051)
-    device: str = _opt("torch device: auto (cuda when available), cpu, cuda, cuda:N",
-                       default="auto")
-    dtype: str = _opt("compute dtype: auto (float32 on CPU, float16 on CUDA), float32, float16, "
-                      "bfloat16", default="auto", meta={"choices": DTYPES})
-    max_batch_tokens: int = _opt("token budget of one device batch (inputs are packed, so this "
-                                 "counts real tokens, not padding)", default=16384)
-    max_batch_inputs: int = _opt("most inputs in one device batch", default=512)
-    quantize: str = _opt("int8: int8 dynamic quantization of the linear layers (CPU only; "
-                         "accuracy and speed in docs/benchmarks.md)", default="none",
-                         meta={"choices": ("none", "int8")})
-    disable_kernels: bool = _opt("on CUDA, run PyTorch ops instead of the Triton kernels "
-                                 "(kernels/), to bisect a numerical difference", default=False)
-    auto_truncate: bool = _opt("truncate over-long inputs when a request does not say; without "
-                               "it they are rejected with INVALID_ARGUMENT", default=False)
-    allow_pickle_weights: bool = _opt(
-        "load pickled PyTorch .bin checkpoints when a model has no safetensors (unsafe for "
-        "untrusted models: unpickling can run code)", default=False)
-    threads: int = _opt("torch CPU threads (0: one per core)", default=0)
     tokenizer_workers: int = _opt("threads tokenizing requests off the event loop (0: one per "
                                   "core)", default=0)
     max_concurrent_requests: int = _opt(
@@ -195,30 +61,16 @@ class ServerConfig:
     api_key_file: str = _opt("read the API key from this file instead (first line)", default="")
 
     def __post_init__(self):
-        if not self.models:
-            raise ConfigError("serve at least one model")
-        names = [m.name for m in self.models]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"served model names must be unique, got {names}: use NAME=PATH")
-        for override in self.pooler_configs:
-            if override.model and override.model not in names:
-                raise ConfigError(f"--pooler-config names model {override.model!r}, which is "
-                                  f"not served; served: {', '.join(names)}")
+        super().__post_init__()
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
-        if self.quantize not in ("none", "int8"):
-            raise ConfigError(f"--quantize must be none or int8, got {self.quantize!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_batch_tokens", "max_batch_inputs", "max_stream_inflight",
-                     "max_concurrent_requests", "max_inputs_per_request", "max_chars_per_input",
-                     "max_image_bytes", "max_image_pixels",
+        for name in ("max_stream_inflight", "max_concurrent_requests", "max_inputs_per_request",
+                     "max_chars_per_input", "max_image_bytes", "max_image_pixels",
                      "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("threads", "tokenizer_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be 0 (auto) or more")
+        if self.tokenizer_workers < 0:
+            raise ConfigError("--tokenizer-workers must be 0 (auto) or more")
         if self.grace_period < 0:
             raise ConfigError("--grace-period must be >= 0 seconds")
         if not 0 <= self.metrics_port <= 65535:
@@ -234,13 +86,10 @@ class ServerConfig:
             if path and not os.path.isfile(path):
                 raise ConfigError(f"--{name.replace('_', '-')} {path}: no such file")
 
-    def pooler_config(self, model: str) -> PoolerConfig:
-        """The overrides for one served model: those for every model, then its own."""
-        config = PoolerConfig()
-        for override in sorted(self.pooler_configs, key=lambda o: bool(o.model)):
-            if override.model in ("", model):
-                config = config.merged(override.config)
-        return config
+    @property
+    def limits(self) -> Limits:
+        """The per-request limits the engine enforces for this server."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     def read_api_key(self) -> str:
         if not self.api_key_file:

@@ -7,7 +7,7 @@ from concurrent.futures import Future
 from types import SimpleNamespace
 
 from poolsvc.engine.batcher import next_batch
-from poolsvc.engine.request import Sequence
+from poolsvc.engine.state import Sequence
 
 NOW = 1_000_000
 
@@ -17,7 +17,7 @@ def seqs(*lengths: int, cancelled: bool = False, deadline: int | None = None) ->
     if cancelled:
         future.cancel()
     request = SimpleNamespace(cancelled=future.cancelled(), deadline_ns=deadline)
-    return [Sequence(request, i, [0] * n) for i, n in enumerate(lengths)]
+    return [Sequence(request, i, [0] * n, None) for i, n in enumerate(lengths)]
 
 
 def take(waiting, max_tokens=100, max_seqs=100) -> list[int]:

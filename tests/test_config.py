@@ -94,3 +94,27 @@ def test_pooler_config_per_model():
     with pytest.raises(ConfigError, match="names model 'c', which is not served"):
         ServerConfig(models=(ModelSpec("/x", "a"),),
                      pooler_configs=(PoolerOverride.parse('c={"normalize": true}'),))
+
+
+@pytest.mark.parametrize("source,name", [
+    (BUNDLED_MODEL, "all-MiniLM-L6-v2"),
+    ("BAAI/bge-reranker-v2-m3", "bge-reranker-v2-m3"),
+    ("/opt/models/bge-small/model", "bge-small"),
+    ("/cache/models--BAAI--bge-small-en-v1.5/snapshots/" + "0" * 40, "bge-small-en-v1.5"),
+    ("./e5-base/", "e5-base"),
+])
+def test_default_model_names_name_the_model(source, name):
+    """A directory is served by the component that names the model, not by `model` or a hub
+    cache's snapshot hash."""
+    assert ModelSpec(source).name == name
+
+
+def test_the_bundled_model_answers_to_its_listed_name(tmp_path, monkeypatch):
+    """`--model all-MiniLM-L6-v2` (the name ListModels shows) serves the bundled copy, offline."""
+    from poolsvc.engine.loader import resolve
+
+    monkeypatch.chdir(tmp_path)  # no directory of that name here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bundled, _ = resolve(BUNDLED_MODEL, allow_pickle=False)
+    assert resolve("all-MiniLM-L6-v2", allow_pickle=False)[0] == bundled
+    assert resolve("sentence-transformers/all-MiniLM-L6-v2", allow_pickle=False)[0] == bundled

@@ -57,7 +57,7 @@ CASES = {
         INVALID, ["302 tokens", "256"]),
     "over-long token ids": (
         dict(inputs=[common_pb2.Input(tokens=common_pb2.TokenIds(ids=[101] * 300))]), INVALID,
-        ["input 0 has 300 tokens", "limit of 256"]),
+        ["input 0 has 300 tokens", "limit of 256", "(truncation.enabled=true)"]),
     "dimensions zero": (dict(dimensions=0), INVALID, ["between 1 and 384", "got 0"]),
     "dimensions too big": (dict(dimensions=385), INVALID, ["between 1 and 384", "got 385"]),
     "unknown model": (dict(model="bge-large"), grpc.StatusCode.NOT_FOUND,
@@ -79,10 +79,10 @@ CASES = {
              prompt="query: "), INVALID, ["text inputs only"]),
     "truncation beyond the model": (
         dict(truncation=common_pb2.TruncationOptions(max_tokens=1000)), INVALID,
-        ["max_tokens=1000", "maximum of 256"]),
+        ["truncation length 1000", "maximum of 256", "(truncation.max_tokens)"]),
     "truncation leaving no room": (
         dict(truncation=common_pb2.TruncationOptions(max_tokens=2)), INVALID,
-        ["max_tokens=2", "2 special tokens"]),
+        ["truncation length 2", "2 special tokens", "(truncation.max_tokens)"]),
     "truncation contradiction": (
         dict(truncation=common_pb2.TruncationOptions(enabled=False, max_tokens=10)), INVALID,
         ["contradicts enabled=false"]),

@@ -156,6 +156,25 @@ def test_pool(device, gen, dtype, method, normalize, dimensions, out_dtype):
     assert not out[empty].any()
 
 
+@pytest.mark.parametrize("method", ["CLS", "LAST", "MEAN"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_pool_only_the_indexed_sequences(device, gen, method, index_dtype):
+    """seq_index pools a subset of the batch, in its order (the engine pools only the sequences
+    that share a request's options)."""
+    hidden_states = randn(gen, sum(SEQ_LENS), HIDDEN, dtype=torch.float16, device=device)
+    cu_seqlens = cu_seqlens_of(SEQ_LENS, device)
+    seq_index = torch.tensor([3, 1, 5, 4], dtype=index_dtype, device=device)
+    method = kernels.PoolMethod[method]
+    result = kernels.pool(hidden_states, cu_seqlens, method, 70, True, torch.float16,
+                          seq_index=seq_index)
+    assert result.shape == (4, 70)
+    everything = kernels.pool_reference(hidden_states.cpu(), cu_seqlens.cpu(), method, 70, True,
+                                        torch.float16)
+    assert_close(result, everything[seq_index.cpu().long()])
+    assert_close(result, kernels.pool_reference(hidden_states.cpu(), cu_seqlens.cpu(), method,
+                                                70, True, torch.float16, seq_index.cpu()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pool_normalizes_wide_rows(device, gen, dtype):
     """Rows wider than one normalization block (1024), truncated (Matryoshka) first."""

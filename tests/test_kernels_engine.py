@@ -56,9 +56,9 @@ def test_served_model_with_kernels_equals_without(tmp_path, minilm_path):
                  pooler_config={"pooling_type": pooling}) as llm:
             want = np.array([o.outputs.embedding for o in
                              llm.embed(TEXTS, truncate_prompt_tokens=-1)])
-            model = llm.engine.model("")
-            fused.enable(model.module)
-            model.fused = True
+            model = llm.engine.served("")
+            fused.enable(model.backend)
+            model.use_kernels = True
             got = np.array([o.outputs.embedding for o in
                             llm.embed(TEXTS, truncate_prompt_tokens=-1)])
         assert np.abs(got - want).max() <= 1e-5

@@ -11,10 +11,10 @@ import pytest
 from conftest import ServerProcess
 
 from poolsvc.config import ServerConfig
-from poolsvc.engine.engine import Clock, Engine
+from poolsvc.engine.engine import Engine
 from poolsvc.engine.errors import DeadlineExceededError
-from poolsvc.engine.params import Truncation
-from poolsvc.engine.request import now_ns
+from poolsvc.engine.params import Task, Truncation
+from poolsvc.engine.request import PoolingRequest, now_ns
 from poolsvc.gen.v1 import common_pb2, embed_pb2, embed_pb2_grpc
 from poolsvc.service.server import PoolServer
 
@@ -46,17 +46,26 @@ def test_admission_limit_answers_resource_exhausted(tmp_path):
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = Engine(ServerConfig(threads=2))
+    eng = Engine(ServerConfig(threads=2).engine_config)
     eng.start()
     yield eng
     eng.shutdown()
 
 
+def embed(texts, **kwargs) -> PoolingRequest:
+    return PoolingRequest(Task.EMBED, tuple(texts), truncation=Truncation(enabled=True), **kwargs)
+
+
 def test_expired_work_is_dropped_not_computed(engine):
-    inputs = [PASSAGE] * 48
+    """Work whose deadline passes while it waits is never computed. The runner is held while
+    the requests queue, so the outcome does not depend on how busy the machine is."""
     before = dict(engine.stats)
-    busy = engine.embed("", inputs, truncation=Truncation(enabled=True))
-    late = engine.embed("", ["a short query"], clock=Clock(now_ns(), now_ns() + 20_000_000))
+    with engine.held():
+        busy = engine.submit(embed([PASSAGE] * 48))
+        deadline = now_ns() + 500_000_000  # ample for tokenizing one short query
+        late = engine.submit(embed(["a short query"], deadline_ns=deadline))
+        while now_ns() <= deadline:  # held: nothing runs until the deadline has passed
+            time.sleep(0.01)
     with pytest.raises(DeadlineExceededError, match="before the request reached the device"):
         late.result(120)
     busy.result(120)
@@ -64,31 +73,41 @@ def test_expired_work_is_dropped_not_computed(engine):
     assert after["sequences"] - before.get("sequences", 0) == 48  # the late one never ran
     assert after["expired"] - before.get("expired", 0) == 1
     with pytest.raises(DeadlineExceededError, match="during tokenization"):
-        engine.embed("", ["x"], clock=Clock(now_ns(), now_ns() - 1))
+        engine.submit(embed(["x"], deadline_ns=now_ns() - 1))
 
 
 def test_cancelled_calls_are_dropped_from_the_queue():
-    """Clients that time out or cancel leave nothing behind to compute."""
+    """Clients that time out or cancel leave nothing behind to compute. The runner is held while
+    they give up, so what reaches the device does not depend on the machine's speed."""
+
+    async def until(condition) -> None:
+        for _ in range(6000):  # a minute at most
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the server never reached the expected state")
 
     async def scenario():
         server = PoolServer(ServerConfig(port=0, threads=2))
         await server.start()
         stats = server.engine.stats
+        in_flight = lambda: server.engine.stats["in_flight"]  # noqa: E731
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = embed_pb2_grpc.EmbedServiceStub(channel)
-            busy = asyncio.ensure_future(stub.Embed(passages(48), timeout=120))
-            await asyncio.sleep(0.3)
-            short = [stub.Embed(passages(4), timeout=0.2) for _ in range(5)]
-            results = await asyncio.gather(*short, return_exceptions=True)
-            assert all(isinstance(r, grpc.aio.AioRpcError) and
-                       r.code() == grpc.StatusCode.DEADLINE_EXCEEDED for r in results)
-            cancelled = asyncio.ensure_future(stub.Embed(passages(8), timeout=120))
-            await asyncio.sleep(0.1)
-            cancelled.cancel()
+            with server.engine.held():
+                busy = asyncio.ensure_future(stub.Embed(passages(48), timeout=120))
+                await until(lambda: in_flight() == 1)
+                short = [stub.Embed(passages(4), timeout=0.2) for _ in range(5)]
+                results = await asyncio.gather(*short, return_exceptions=True)
+                assert all(isinstance(r, grpc.aio.AioRpcError) and
+                           r.code() == grpc.StatusCode.DEADLINE_EXCEEDED for r in results)
+                cancelled = asyncio.ensure_future(stub.Embed(passages(8), timeout=120))
+                await until(lambda: in_flight() >= 2)  # admitted and queued
+                cancelled.cancel()
+                await until(lambda: in_flight() == 1)  # only the busy call is left
             assert list((await busy).embeddings.shape) == [48, 384]
-            await asyncio.sleep(0.5)
+            await until(lambda: in_flight() == 0)
             assert server.engine.stats["sequences"] - stats.get("sequences", 0) == 48
-            assert server.engine.stats["in_flight"] == 0
         await server.stop()
 
     asyncio.run(scenario())

@@ -48,7 +48,7 @@ def test_bert_classification(tmp_path, minilm_path, num_labels, problem, activat
     with LLM(str(directory), task="classify", **CPU) as llm:
         outs = llm.classify(TEXTS)
         raw = llm.classify(TEXTS, PoolingParams(activation=False))
-        assert llm.engine.model("").labels == [f"class-{i}" for i in range(num_labels)]
+        assert list(llm.engine.model("").labels) == [f"class-{i}" for i in range(num_labels)]
     assert np.abs(np.array([o.outputs.probs for o in outs]) - want.numpy()).max() <= TOL
     assert np.abs(np.array([o.outputs.probs for o in raw]) - logits.numpy()).max() <= TOL
 

@@ -232,7 +232,7 @@ def reward_reference(directory: Path, ids: list[int]) -> torch.Tensor:
 
 def load_ours(cls, directory: Path) -> torch.nn.Module:
     """One of poolsvc's model classes loaded from `directory` exactly as the server does."""
-    from poolsvc.engine.served import build_packed
+    from poolsvc.engine.loader import build_packed
     config = json.loads((directory / "config.json").read_text())
     return build_packed(cls, config, directory, allow_pickle=False).eval()
 

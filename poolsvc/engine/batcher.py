@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from poolsvc.engine.request import Sequence
+from poolsvc.engine.state import Sequence
 
 
 def next_batch(waiting: deque[Sequence], max_tokens: int, max_seqs: int,

@@ -1,8 +1,33 @@
-"""The engine's errors. Each says what to change; the service maps each class to one status."""
+"""The engine's errors. Each says what to change; the service maps each class to one status.
+
+A message that tells the caller to set a request option names it by `Option`; each front (the
+gRPC service, the offline API) spells the option its own way (`EngineError.spelled`)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+
+class Option(enum.Enum):
+    """Request options an error message may point the caller to."""
+
+    TRUNCATE = "truncate"                # turn truncation on
+    TRUNCATE_LENGTH = "truncate_length"  # the length inputs are truncated to
 
 
 class EngineError(Exception):
     """An error the caller can act on (as opposed to a bug)."""
+
+    def __init__(self, message: str, *, option: Option | None = None):
+        super().__init__(message)
+        self.option = option
+
+    def spelled(self, spelling: Mapping[Option, str]) -> str:
+        """The message with the option it points to, as the caller's API spells it."""
+        if self.option is None:
+            return str(self)
+        return f"{self} ({spelling[self.option]})"
 
 
 class InvalidInputError(EngineError):

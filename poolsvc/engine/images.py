@@ -30,7 +30,7 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def decode(image: ImageInput, index: int, max_bytes: int, max_pixels: int):
+def decode(image: ImageInput, index: int, max_bytes: int | None, max_pixels: int | None):
     """The RGB PIL image of input `index`; limits are checked before the pixels are decoded
     (a few kilobytes of PNG can claim gigapixels: a decompression bomb)."""
     from PIL import Image
@@ -42,7 +42,7 @@ def decode(image: ImageInput, index: int, max_bytes: int, max_pixels: int):
     data = bytes(image.data)
     if not data:
         raise InvalidInputError(f"input {index} is an empty image")
-    if len(data) > max_bytes:
+    if max_bytes is not None and len(data) > max_bytes:
         raise OverloadedError(f"input {index} is a {len(data)}-byte image, more than the server's "
                               f"limit of {max_bytes} bytes (--max-image-bytes)")
     kind = sniff(data)
@@ -71,9 +71,9 @@ def decode(image: ImageInput, index: int, max_bytes: int, max_pixels: int):
                                 f"({exc})") from None
 
 
-def _check_pixels(size: tuple[int, int], index: int, max_pixels: int) -> None:
+def _check_pixels(size: tuple[int, int], index: int, max_pixels: int | None) -> None:
     width, height = size
-    if width * height > max_pixels:
+    if max_pixels is not None and width * height > max_pixels:
         raise OverloadedError(f"input {index} is a {width}x{height} image, more than the server's "
                               f"limit of {max_pixels} pixels (--max-image-pixels)")
     if width < 1 or height < 1:

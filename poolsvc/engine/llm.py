@@ -1,21 +1,50 @@
-"""The offline API, shaped like vLLM's: `LLM(model=..., task="embed").embed(prompts)`."""
+"""The offline API, shaped like vLLM's: `LLM(model=..., task="embed").embed(prompts)`.
+
+Each call becomes PoolingRequest values for the engine, as a gRPC call does. Any number of
+prompts is accepted: they are submitted in slices (all queued at once, so the engine batches them
+as one stream), which also drives the `use_tqdm` progress bar. vLLM's spellings that users paste
+are accepted with vLLM's meaning, or refused with a message naming poolsvc's spelling."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
-from poolsvc.config import BUNDLED_MODEL, ModelSpec, PoolerConfig, PoolerOverride, ServerConfig
-from poolsvc.engine.engine import Engine, Prompt
+from poolsvc.engine.config import (
+    BUNDLED_MODEL,
+    EngineConfig,
+    Limits,
+    ModelSpec,
+    PoolerConfig,
+    PoolerOverride,
+)
+from poolsvc.engine.engine import Engine
+from poolsvc.engine.errors import EngineError, Option
 from poolsvc.engine.images import ImageInput
 from poolsvc.engine.outputs import Output
 from poolsvc.engine.params import PoolingParams, PromptOptions, Task, Truncation
+from poolsvc.engine.request import PoolingRequest, Prompt
 
 _ids = itertools.count()
+# How this API spells the options an engine error points to.
+OFFLINE_SPELLING = {
+    Option.TRUNCATE: "truncate_prompt_tokens=-1",
+    Option.TRUNCATE_LENGTH: "truncate_prompt_tokens",
+}
+_SLICE = 256  # prompts per submitted request
+_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
+_LIMIT_FIELDS = {f.name for f in dataclasses.fields(Limits)}
+# vLLM's dtype names beside torch's.
+_DTYPES = {"half": "float16", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+           "float32": "float32", "auto": "auto"}
+# vLLM LLM(...) arguments with no meaning here (its scheduler, CUDA graphs, parallelism): taken
+# and ignored only at the value that asks for nothing.
+_VLLM_NO_OPS = {"runner": "pooling", "enforce_eager": None, "tensor_parallel_size": 1,
+                "trust_remote_code": False, "gpu_memory_utilization": None, "seed": None}
 
 
 @dataclass(frozen=True)
@@ -46,18 +75,29 @@ class ScoringOutput:
     score: float
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
-class PoolingRequestOutput:
+class PoolingRequestOutput(Generic[T]):
     """One prompt's result; `outputs` is the task's output class (vLLM's names)."""
 
     request_id: str
-    outputs: PoolingOutput | EmbeddingOutput | ClassificationOutput | ScoringOutput
+    outputs: T
     prompt_token_ids: list[int]
     finished: bool = True
 
 
-# vLLM's names for the per-task request outputs.
-EmbeddingRequestOutput = ClassificationRequestOutput = ScoringRequestOutput = PoolingRequestOutput
+class EmbeddingRequestOutput(PoolingRequestOutput[EmbeddingOutput]):
+    pass
+
+
+class ClassificationRequestOutput(PoolingRequestOutput[ClassificationOutput]):
+    pass
+
+
+class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):
+    pass
 
 
 class LLM:
@@ -65,18 +105,28 @@ class LLM:
 
     `model`: a directory or hub id (default: the bundled all-MiniLM-L6-v2). `task`: "auto", or a
     task the model must serve ("embed", "classify", "score", "reward", ...). `pooler_config`:
-    a dict or PoolerConfig, as the server's --pooler-config. Other keyword arguments are
-    ServerConfig fields (device, dtype, max_batch_tokens, ...)."""
+    a dict or PoolerConfig, as the server's --pooler-config. `max_model_len`: the longest input
+    in tokens. Other keyword arguments are EngineConfig fields (device, dtype, max_batch_tokens,
+    ...) or Limits fields (max_image_pixels, ...)."""
 
     def __init__(self, model: str | None = None, task: str = "auto",
-                 pooler_config: dict | PoolerConfig | None = None, **config):
+                 pooler_config: dict | PoolerConfig | None = None, **kwargs):
+        task = kwargs.pop("convert", task)  # vLLM's newer name for the same choice
+        override = kwargs.pop("override_pooler_config", None)
+        pooler_config = pooler_config if pooler_config is not None else override
+        kwargs = _vllm_arguments(kwargs)
         overrides = ()
         if pooler_config is not None:
             if isinstance(pooler_config, dict):
-                pooler_config = PoolerConfig.from_json(json.dumps(pooler_config))
+                pooler_config = PoolerConfig.from_dict(pooler_config)
             overrides = (PoolerOverride("", pooler_config),)
-        self.engine = Engine(ServerConfig(models=(ModelSpec(model or BUNDLED_MODEL),),
-                                          pooler_configs=overrides, **config))
+        limits = Limits(**{k: kwargs.pop(k) for k in list(kwargs) if k in _LIMIT_FIELDS})
+        if unknown := sorted(set(kwargs) - _ENGINE_FIELDS):
+            known = sorted(_ENGINE_FIELDS - {"models", "pooler_configs"} | _LIMIT_FIELDS)
+            raise TypeError(f"LLM got unknown options {unknown}; poolsvc's options: model, task, "
+                            f"pooler_config, {', '.join(known)}")
+        self.engine = Engine(EngineConfig(models=(ModelSpec(model or BUNDLED_MODEL),),
+                                          pooler_configs=overrides, **kwargs), limits)
         self.engine.start()
         if task != "auto":
             try:
@@ -86,47 +136,50 @@ class LLM:
                                  f"{['auto'] + [t.value for t in Task]}") from None
             self.engine.model("").check_task(wanted)
 
-    def embed(self, prompts, pooling_params: PoolingParams | None = None, *,
-              truncate_prompt_tokens: int | None = None, prompt_name: str = "",
-              use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+    def embed(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
+              prompt_name: str = "", tokenization_kwargs: dict | None = None,
+              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
         """One output per prompt, in order. A prompt is a string, {"prompt": str}, or
         {"prompt_token_ids": [...]}. `truncate_prompt_tokens`: k keeps k tokens, -1 the model's
         maximum; None rejects over-long prompts."""
-        out = self.engine.embed("", _inputs(prompts), pooling_params or PoolingParams(),
-                                _truncation(truncate_prompt_tokens),
-                                PromptOptions(name=prompt_name)).result()
-        return _wrap(out, [EmbeddingOutput(row.tolist()) for row in out.embeddings])
+        outs = self._run(Task.EMBED, prompts, pooling_params, truncate_prompt_tokens,
+                         tokenization_kwargs, use_tqdm, prompt=PromptOptions(name=prompt_name))
+        return _wrap(EmbeddingRequestOutput, outs,
+                     lambda o: [EmbeddingOutput(row.tolist()) for row in o.embeddings])
 
-    def classify(self, prompts, pooling_params: PoolingParams | None = None, *,
-                 truncate_prompt_tokens: int | None = None,
-                 use_tqdm: bool = False) -> list[PoolingRequestOutput]:
-        out = self.engine.classify("", _inputs(prompts), pooling_params or PoolingParams(),
-                                   _truncation(truncate_prompt_tokens)).result()
-        return _wrap(out, [ClassificationOutput(row.tolist()) for row in out.probs])
+    def classify(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
+                 tokenization_kwargs: dict | None = None,
+                 use_tqdm: bool = False) -> list[ClassificationRequestOutput]:
+        outs = self._run(Task.CLASSIFY, prompts, pooling_params, truncate_prompt_tokens,
+                         tokenization_kwargs, use_tqdm)
+        return _wrap(ClassificationRequestOutput, outs,
+                     lambda o: [ClassificationOutput(row.tolist()) for row in o.probs])
 
-    def score(self, data_1, data_2, pooling_params: PoolingParams | None = None, *,
-              truncate_prompt_tokens: int | None = None,
-              use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+    def score(self, data_1, data_2, pooling_params=None, *,
+              truncate_prompt_tokens: int | None = None, tokenization_kwargs: dict | None = None,
+              use_tqdm: bool = False) -> list[ScoringRequestOutput]:
         """Scores pairs: one text against many, many against one, or two equal-length lists."""
-        out = self.engine.score("", _inputs(data_1), _inputs(data_2),
-                                pooling_params or PoolingParams(),
-                                _truncation(truncate_prompt_tokens)).result()
-        return _wrap(out, [ScoringOutput(float(s)) for s in out.scores])
+        outs = self._run(Task.SCORE, data_1, pooling_params, truncate_prompt_tokens,
+                         tokenization_kwargs, use_tqdm, documents=data_2)
+        return _wrap(ScoringRequestOutput, outs,
+                     lambda o: [ScoringOutput(float(s)) for s in o.scores])
 
-    def encode(self, prompts, pooling_params: PoolingParams | None = None, *,
-               pooling_task: str | None = None, truncate_prompt_tokens: int | None = None,
-               use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+    def encode(self, prompts, pooling_params=None, *, pooling_task: str | None = None,
+               truncate_prompt_tokens: int | None = None, tokenization_kwargs: dict | None = None,
+               use_tqdm: bool = False) -> list[PoolingRequestOutput[PoolingOutput]]:
         """The raw pooled output of `pooling_task` (default: the model's per-token task)."""
-        task = Task(pooling_task) if pooling_task else None
-        out = self.engine.encode("", _inputs(prompts), task, pooling_params or PoolingParams(),
-                                 _truncation(truncate_prompt_tokens)).result()
-        return _wrap(out, [PoolingOutput(torch.from_numpy(a)) for a in out.outputs])
+        task = Task(pooling_task) if pooling_task else self.engine.model("").default_task
+        outs = self._run(task, prompts, pooling_params, truncate_prompt_tokens,
+                         tokenization_kwargs, use_tqdm, raw=True)
+        return _wrap(PoolingRequestOutput, outs,
+                     lambda o: [PoolingOutput(torch.from_numpy(a)) for a in o.outputs])
 
-    def reward(self, prompts, pooling_params: PoolingParams | None = None, *,
-               truncate_prompt_tokens: int | None = None,
-               use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+    def reward(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
+               tokenization_kwargs: dict | None = None,
+               use_tqdm: bool = False) -> list[PoolingRequestOutput[PoolingOutput]]:
         return self.encode(prompts, pooling_params, pooling_task="reward",
-                           truncate_prompt_tokens=truncate_prompt_tokens)
+                           truncate_prompt_tokens=truncate_prompt_tokens,
+                           tokenization_kwargs=tokenization_kwargs, use_tqdm=use_tqdm)
 
     def close(self) -> None:
         self.engine.shutdown()
@@ -136,6 +189,54 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # --- one call -> PoolingRequests -------------------------------------------------------------
+
+    def _run(self, task: Task, prompts, pooling_params, truncate_prompt_tokens: int | None,
+             tokenization_kwargs: dict | None, use_tqdm: bool, *, documents=None,
+             prompt: PromptOptions = PromptOptions(), raw: bool = False
+             ) -> list[tuple[Output, list[int]]]:
+        """Submits the call as requests of at most _SLICE prompts (or pairs) sharing their
+        PoolingParams, all at once; returns each request's output with the positions, in the
+        call, of the prompts (or pairs) it answers."""
+        inputs = _inputs(prompts)
+        docs = None if documents is None else _inputs(documents)
+        params = _params(pooling_params, len(inputs) if docs is None else 1)
+        requests, positions = [], []
+        for group in sorted(set(params), key=params.index):
+            members = [i for i, p in enumerate(params) if p == group] if len(params) > 1 \
+                else list(range(len(inputs)))
+            truncation = _truncation(truncate_prompt_tokens, group, tokenization_kwargs)
+            for queries, docs_slice, places in _slices(inputs, docs, members):
+                requests.append(PoolingRequest(task, queries, docs_slice, params=group,
+                                               truncation=truncation, prompt=prompt, raw=raw))
+                positions.append(places)
+        try:
+            futures = [self.engine.submit(r) for r in requests]
+        except EngineError as exc:  # the hint in this API's spelling
+            raise type(exc)(exc.spelled(OFFLINE_SPELLING)) from None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            with tqdm(total=sum(map(len, positions)), desc=task.value, unit="prompt") as bar:
+                for future, places in zip(futures, positions):
+                    future.result()
+                    bar.update(len(places))
+        return [(f.result(), places) for f, places in zip(futures, positions)]
+
+
+def _vllm_arguments(kwargs: dict) -> dict:
+    """LLM keyword arguments in poolsvc's spelling (vLLM's dtype names, max_model_len ...)."""
+    out = dict(kwargs)
+    if "dtype" in out:
+        name = str(out["dtype"]).removeprefix("torch.")
+        out["dtype"] = _DTYPES.get(name, name)
+    for name, harmless in _VLLM_NO_OPS.items():
+        if name in out:
+            value = out.pop(name)
+            if harmless is not None and value != harmless:
+                raise ValueError(f"LLM({name}={value!r}) is not supported by poolsvc; leave it "
+                                 f"at {harmless!r}")
+    return out
 
 
 def _inputs(prompts) -> list[Prompt]:
@@ -156,12 +257,74 @@ def _as_input(prompt) -> Prompt:
     return prompt
 
 
-def _truncation(truncate_prompt_tokens: int | None) -> Truncation:
-    if truncate_prompt_tokens is None:
+def _params(pooling_params, count: int) -> list[PoolingParams]:
+    """One PoolingParams for every prompt, or vLLM's list with one per prompt."""
+    if pooling_params is None:
+        return [PoolingParams()]
+    if isinstance(pooling_params, PoolingParams):
+        return [pooling_params]
+    params = list(pooling_params)
+    if len(params) != count or not all(isinstance(p, PoolingParams) for p in params):
+        raise ValueError(f"pooling_params must be one PoolingParams or a list of one per prompt "
+                         f"({count}); got {len(params)} items")
+    return params
+
+
+def _slices(inputs: list, documents: list | None, members: list[int]):
+    """(queries, documents, positions in the call) of each request a call becomes: slices of
+    the prompts `members`, or for scores slices of the pairs (1:N slices the documents, N:1 and
+    N:N the queries, in step)."""
+    if documents is None:
+        for start in range(0, len(members), _SLICE):
+            places = members[start:start + _SLICE]
+            yield tuple(inputs[i] for i in places), (), places
+    elif len(inputs) == 1:
+        for start in range(0, max(len(documents), 1), _SLICE):
+            places = list(range(start, min(start + _SLICE, len(documents))))
+            yield tuple(inputs), tuple(documents[start:start + _SLICE]), places
+    else:
+        for start in range(0, max(len(inputs), 1), _SLICE):
+            places = list(range(start, min(start + _SLICE, len(inputs))))
+            docs = documents if len(documents) == 1 else documents[start:start + _SLICE]
+            yield tuple(inputs[start:start + _SLICE]), tuple(docs), places
+
+
+def _truncation(truncate_prompt_tokens: int | None, params: PoolingParams,
+                tokenization_kwargs: dict | None) -> Truncation:
+    """vLLM's three ways to ask for truncation: the call's truncate_prompt_tokens, the
+    PoolingParams' one, and tokenization_kwargs={"truncation": True, "max_length": k}."""
+    asked = {v for v in (truncate_prompt_tokens, params.truncate_prompt_tokens) if v is not None}
+    if tokenization_kwargs:
+        if unknown := sorted(set(tokenization_kwargs) - {"truncation", "max_length"}):
+            raise ValueError(f"tokenization_kwargs {unknown} are not supported; poolsvc takes "
+                             "truncation and max_length (or truncate_prompt_tokens)")
+        if tokenization_kwargs.get("truncation") is False:
+            if asked:
+                raise ValueError("tokenization_kwargs truncation=False contradicts "
+                                 "truncate_prompt_tokens; drop one")
+            return Truncation(enabled=False)
+        if tokenization_kwargs.get("truncation"):
+            asked.add(int(tokenization_kwargs.get("max_length") or -1))
+    if len(asked) > 1:
+        raise ValueError(f"conflicting truncation lengths {sorted(asked)}; give one")
+    if not asked:
         return Truncation()
-    return Truncation(enabled=True, max_tokens=truncate_prompt_tokens)
+    length = asked.pop()
+    if length == 0 or length < -1:
+        raise ValueError(f"truncate_prompt_tokens must be positive, or -1 for the model's "
+                         f"maximum; got {length}")
+    return Truncation(enabled=True, max_tokens=length)
 
 
-def _wrap(out: Output, results: Sequence) -> list[PoolingRequestOutput]:
-    return [PoolingRequestOutput(str(next(_ids)), r, ids)
-            for r, ids in zip(results, out.token_ids)]
+def _wrap(cls, outs: list[tuple[Output, list[int]]], results) -> list:
+    """vLLM's per-prompt objects, in the call's order."""
+    wrapped: dict[int, object] = {}
+    for out, places in outs:
+        for place, result, ids in zip(places, results(out), out.token_ids):
+            wrapped[place] = cls(str(next(_ids)), result, ids)
+    return [wrapped[i] for i in sorted(wrapped)]
+
+
+__all__ = ["LLM", "PoolingOutput", "EmbeddingOutput", "ClassificationOutput", "ScoringOutput",
+           "PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationRequestOutput",
+           "ScoringRequestOutput", "PoolingParams"]

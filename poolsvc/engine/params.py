@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from poolsvc.engine.errors import InvalidInputError
+from poolsvc.engine.errors import InvalidInputError, Option
 
 
 class Task(enum.Enum):
@@ -59,7 +59,8 @@ class OutputDType(enum.Enum):
 
 @dataclass(frozen=True)
 class Truncation:
-    """`enabled=None` defers to the server's --auto-truncate; `max_tokens` 0 or -1 = model max."""
+    """`enabled=None` defers to the server's --auto-truncate, unless `max_tokens` is set: any
+    max_tokens turns truncation on (k keeps k tokens; -1 the model's maximum). 0: unset."""
 
     enabled: bool | None = None
     max_tokens: int = 0
@@ -68,9 +69,9 @@ class Truncation:
     def __post_init__(self):
         if self.max_tokens < -1:
             raise InvalidInputError(
-                f"truncation max_tokens must be positive, or 0 / -1 for the model's maximum; "
+                f"truncation max_tokens must be positive, or -1 for the model's maximum; "
                 f"got {self.max_tokens}")
-        if self.enabled is False and self.max_tokens > 0:
+        if self.enabled is False and self.max_tokens:
             raise InvalidInputError(
                 f"truncation max_tokens={self.max_tokens} contradicts enabled=false: drop one")
 
@@ -78,9 +79,9 @@ class Truncation:
         """(token limit, whether to cut rather than reject longer inputs)."""
         if self.max_tokens > model_max:
             raise InvalidInputError(
-                f"truncation max_tokens={self.max_tokens} exceeds the model's maximum of "
-                f"{model_max} tokens")
-        cut = self.enabled if self.enabled is not None else (self.max_tokens > 0 or auto_truncate)
+                f"the truncation length {self.max_tokens} exceeds the model's maximum of "
+                f"{model_max} tokens", option=Option.TRUNCATE_LENGTH)
+        cut = self.enabled if self.enabled is not None else bool(self.max_tokens) or auto_truncate
         return (self.max_tokens if self.max_tokens > 0 else model_max), cut
 
 
@@ -96,17 +97,42 @@ class PromptOptions:
             raise InvalidInputError("give prompt_name or prompt, not both")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PoolingParams:
-    """Per-request pooling options (vLLM's PoolingParams). None means the model's default.
+    """Per-request pooling options, vLLM's PoolingParams. None means the model's default.
 
     `normalize` applies to embedding tasks, `dimensions` to embed, `activation` to
-    classification, scoring and reward tasks."""
+    classification, scoring and reward tasks. vLLM's spellings are accepted with its meaning:
+    `use_activation` (= activation) and `truncate_prompt_tokens` (k keeps k tokens, -1 the
+    model's maximum); other vLLM options are refused by name."""
 
-    normalize: bool | None = None
-    dimensions: int | None = None
-    activation: bool | None = None
-    out_dtype: OutputDType = OutputDType.FLOAT32
+    normalize: bool | None
+    dimensions: int | None
+    activation: bool | None
+    out_dtype: OutputDType
+    truncate_prompt_tokens: int | None
+
+    def __init__(self, normalize: bool | None = None, dimensions: int | None = None,
+                 activation: bool | None = None,
+                 out_dtype: OutputDType | str = OutputDType.FLOAT32, *,
+                 use_activation: bool | None = None,
+                 truncate_prompt_tokens: int | None = None, **unknown):
+        if unknown:
+            raise TypeError(f"PoolingParams has no option {', '.join(sorted(unknown))}; "
+                            "poolsvc's options: normalize, dimensions, activation (vLLM's "
+                            "use_activation), out_dtype, truncate_prompt_tokens")
+        if use_activation is not None and activation is not None and use_activation != activation:
+            raise ValueError("PoolingParams: activation and use_activation disagree; give one")
+        values = dict(normalize=normalize, dimensions=dimensions,
+                      activation=activation if activation is not None else use_activation,
+                      out_dtype=OutputDType(out_dtype),
+                      truncate_prompt_tokens=truncate_prompt_tokens)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def use_activation(self) -> bool | None:
+        return self.activation
 
 
 @dataclass(frozen=True)

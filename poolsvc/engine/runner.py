@@ -1,7 +1,9 @@
-"""The thread that owns the device: takes batches from the work queue, runs them, delivers."""
+"""The engine's threads: one forms batches from the work queue, one owns the device, one turns
+pooled rows into outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -9,11 +11,12 @@ from collections import Counter, deque
 from collections.abc import Callable
 from queue import Queue
 
-import torch
-
 from poolsvc.engine.batcher import next_batch
 from poolsvc.engine.errors import DeadlineExceededError, UnavailableError
-from poolsvc.engine.request import Sequence, now_ns
+from poolsvc.engine.outputs import build_output
+from poolsvc.engine.request import now_ns
+from poolsvc.engine.served import ServedModel
+from poolsvc.engine.state import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,10 @@ class WorkQueue:
 
     def __init__(self, max_tokens: int, max_seqs: int):
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
-        self._waiting: dict[str, deque[Sequence]] = {}
+        self._waiting: dict[ServedModel, deque[Sequence]] = {}
         self._cond = threading.Condition()
         self._closed = False
+        self._held = 0
         # batches, sequences and tokens run; expired: sequences dropped past their deadline
         self.stats = Counter()
 
@@ -38,35 +42,50 @@ class WorkQueue:
         """Sequences waiting (not counting the batch on the device and the prefetched one)."""
         return sum(len(q) for q in self._waiting.values())
 
-    def put(self, seqs: list[Sequence]) -> None:
+    def put(self, model: ServedModel, seqs: list[Sequence]) -> None:
         with self._cond:
             if self._closed:
                 raise UnavailableError("the server is shutting down; retry on another replica")
-            self._waiting.setdefault(seqs[0].request.model.name, deque()).extend(seqs)
+            self._waiting.setdefault(model, deque()).extend(seqs)
             self._cond.notify()
 
-    def take(self) -> list[Sequence] | None:
-        """The next batch, blocking while there is none; None once closed and drained."""
+    def take(self) -> tuple[ServedModel, list[Sequence]] | None:
+        """The next batch and its model, blocking while there is none; None once closed and
+        drained."""
         with self._cond:
             while True:
-                queues = [q for q in self._waiting.values() if q]
-                if queues:
-                    oldest = min(queues, key=lambda q: q[0].request.tokenized_ns)
+                queues = [(m, q) for m, q in self._waiting.items() if q]
+                if queues and not self._held:
+                    model, oldest = min(queues, key=lambda mq: mq[1][0].request.tokenized_ns)
                     batch, expired = next_batch(oldest, self.max_tokens, self.max_seqs, now_ns())
                     self.expire(expired)
                     if batch:
-                        return batch
+                        return model, batch
                     continue  # only dropped sequences were there
-                if self._closed:
+                if self._closed and not queues:
                     return None
                 self._cond.wait()
+
+    @contextlib.contextmanager
+    def held(self):
+        """While held, no batch is formed: work queues up, and is batched (or dropped, if its
+        deadline passed meanwhile) once released."""
+        with self._cond:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= 1
+                self._cond.notify_all()
 
     def expire(self, expired: list[Sequence]) -> None:
         self.stats.update(expired=len(expired))
         for req in {id(s.request): s.request for s in expired}.values():
+            waited_ms = (now_ns() - req.call.arrival_ns) / 1e6
             req.resolve(error=DeadlineExceededError(
-                f"the deadline passed after {(now_ns() - req.arrival_ns) / 1e6:.0f} ms, before "
-                "the request reached the device; it was not computed"))
+                f"the deadline passed after {waited_ms:.0f} ms, before the request reached the "
+                "device; it was not computed"))
 
     def close(self, discard: bool = False) -> None:
         """No more puts; the runner drains what waits, or with `discard` it is failed now."""
@@ -82,19 +101,24 @@ class WorkQueue:
 
 
 class ModelRunner:
-    """One thread owns the device: batch = ready.get(); out = run(batch); deliver(batch, out).
+    """One thread owns the device: batch = ready.get(); out = model.compute(batch); done.put(...).
 
-    A second thread forms the next batch and builds its tensors (pinned and copied on CUDA)
-    while the current one runs; `ready` holds one such prefetched batch.
+    A prefetch thread forms the next batch and builds its tensors (pinned and copied on CUDA)
+    while the current one runs; `ready` holds one such prefetched batch. A finisher thread takes
+    the pooled rows (waiting for their copy to the host) and turns finished requests into their
+    outputs, so the device never waits on host post-processing.
     """
 
     def __init__(self, queue: WorkQueue, on_batch: BatchObserver | None = None):
         self.queue = queue
         self.on_batch = on_batch
         self._ready: Queue = Queue(maxsize=1)
+        self._done: Queue = Queue()
         self._threads = [threading.Thread(target=self._prefetch, name="poolsvc-batcher",
                                           daemon=True),
-                         threading.Thread(target=self._run, name="poolsvc-runner", daemon=True)]
+                         threading.Thread(target=self._run, name="poolsvc-runner", daemon=True),
+                         threading.Thread(target=self._finish, name="poolsvc-finisher",
+                                          daemon=True)]
 
     def start(self) -> None:
         for thread in self._threads:
@@ -106,61 +130,56 @@ class ModelRunner:
                 thread.join()
 
     def _prefetch(self) -> None:
-        while (batch := self.queue.take()) is not None:
+        while (item := self.queue.take()) is not None:
+            model, batch = item
             try:
-                self._ready.put((batch, prepare(batch)))
+                self._ready.put((model, batch, model.prepare(batch)))
             except Exception as exc:
                 fail(batch, exc)
         self._ready.put(None)
 
     def _run(self) -> None:
         while (item := self._ready.get()) is not None:
-            batch, packed = item
+            model, batch, packed = item
             # Callers may have given up while the batch waited here: drop their work.
             live, expired = next_batch(deque(batch), 1 << 62, len(batch), now_ns())
             self.queue.expire(expired)
             if len(live) < len(batch):
                 if not live:
                     continue
-                batch, packed = live, prepare(live)
+                batch, packed = live, model.prepare(live)
             tokens = sum(s.num_tokens for s in batch)
             self.queue.stats.update(batches=1, sequences=len(batch), tokens=tokens)
             started = time.perf_counter()
+            for seq in batch:
+                seq.request.started_ns = seq.request.started_ns or now_ns()
             try:
-                deliver(batch, run(batch, packed))
+                self._done.put((batch, model.compute(batch, packed)))
             except Exception as exc:  # a bug or a device fault: fail this batch, keep serving
                 fail(batch, exc)
             if self.on_batch is not None:
-                self.on_batch(batch[0].request.model.name, len(batch), tokens,
-                              time.perf_counter() - started)
+                self.on_batch(model.name, len(batch), tokens, time.perf_counter() - started)
+        self._done.put(None)
+
+    def _finish(self) -> None:
+        while (item := self._done.get()) is not None:
+            batch, host = item
+            try:
+                rows = host.wait()
+            except Exception as exc:
+                fail(batch, exc)
+                continue
+            for seq, row in zip(batch, rows):
+                req = seq.request
+                if req.add(seq, row) and not req.cancelled:
+                    try:
+                        req.resolve(build_output(req))
+                    except Exception as exc:
+                        log.exception("finishing a %s request failed", req.call.task.value)
+                        req.resolve(error=exc)
 
 
 def fail(batch: list[Sequence], exc: Exception) -> None:
     log.exception("batch of %d sequences failed", len(batch), exc_info=exc)
     for req in {id(s.request): s.request for s in batch}.values():
         req.resolve(error=exc)
-
-
-def prepare(batch: list[Sequence]):
-    """The batch's device tensors, built on the host and copied once."""
-    return batch[0].request.model.prepare(batch)
-
-
-def run(batch: list[Sequence], prepared) -> list[torch.Tensor]:
-    """The batch on the device; outputs on the host, one per sequence, in batch order."""
-    started = now_ns()
-    for seq in batch:
-        if not seq.request.started_ns:
-            seq.request.started_ns = started
-    return batch[0].request.model.compute(batch, prepared)
-
-
-def deliver(batch: list[Sequence], outputs: list[torch.Tensor]) -> None:
-    for seq, out in zip(batch, outputs):
-        req = seq.request
-        if req.add(seq, out) and not req.cancelled:
-            try:
-                req.resolve(req.plan.finish(req))
-            except Exception as exc:
-                log.exception("finishing a %s request failed", req.plan.task.value)
-                req.resolve(error=exc)

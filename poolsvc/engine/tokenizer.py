@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer, normalizers
 
-from poolsvc.engine.errors import InvalidInputError, ModelLoadError
+from poolsvc.engine.errors import InvalidInputError, ModelLoadError, Option
 from poolsvc.engine.params import PromptOptions, TruncationSide
 
 _SIDE = {TruncationSide.RIGHT: "right", TruncationSide.LEFT: "left"}
@@ -91,8 +91,8 @@ class TextTokenizer:
         """
         if cut and limit <= self.num_special_tokens:
             raise InvalidInputError(
-                f"truncation max_tokens={limit} leaves no room for text: the model adds "
-                f"{self.num_special_tokens} special tokens")
+                f"the truncation length {limit} leaves no room for text: the model adds "
+                f"{self.num_special_tokens} special tokens", option=Option.TRUNCATE_LENGTH)
         tok = self._truncating_tokenizer(limit, side) if cut else self._tok
         encode = tok.encode_batch if offsets else tok.encode_batch_fast
         encodings = encode(list(texts), add_special_tokens=add_special_tokens)
@@ -109,8 +109,8 @@ class TextTokenizer:
         special = self._tok.num_special_tokens_to_add(is_pair=True)
         if cut and limit <= special + 1:
             raise InvalidInputError(
-                f"truncation max_tokens={limit} leaves no room for a pair: the model adds "
-                f"{special} special tokens")
+                f"the truncation length {limit} leaves no room for a pair: the model adds "
+                f"{special} special tokens", option=Option.TRUNCATE_LENGTH)
         tok = self._truncating_tokenizer(limit, side) if cut else self._tok
         encodings = tok.encode_batch_fast(list(pairs))
         if not cut:
@@ -118,7 +118,7 @@ class TextTokenizer:
                 if len(enc.ids) > limit:
                     raise InvalidInputError(
                         f"pair {i} has {len(enc.ids)} tokens, more than the limit of {limit}: "
-                        "shorten it, or enable truncation (truncation.enabled=true)")
+                        "shorten it, or enable truncation", option=Option.TRUNCATE)
         return encodings
 
     def check_ids(self, ids: Sequence[int], index: int, limit: int, cut: bool,
@@ -141,4 +141,4 @@ class TextTokenizer:
 def too_long(index: int, length: int, limit: int) -> InvalidInputError:
     return InvalidInputError(
         f"input {index} has {length} tokens, more than the limit of {limit}: shorten it, or "
-        f"enable truncation (truncation.enabled=true)")
+        "enable truncation", option=Option.TRUNCATE)

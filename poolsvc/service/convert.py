@@ -1,12 +1,15 @@
-"""Proto messages <-> engine values. Validation of wire-level values happens here."""
+"""Proto messages <-> engine values: one function per request message builds the engine's
+PoolingRequest; one per response message encodes the engine's output. Wire-level values (enum
+numbers, empty oneofs) are validated here; what they mean is the engine's to decide."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
 from poolsvc.engine.errors import InvalidInputError, UnsupportedError
 from poolsvc.engine.images import ImageInput
-from poolsvc.engine.outputs import ClassifyOutput, EmbedOutput, EncodeOutput, ScoreOutput
 from poolsvc.engine.params import (
     OutputDType,
     PoolingParams,
@@ -16,6 +19,10 @@ from poolsvc.engine.params import (
     Truncation,
     TruncationSide,
 )
+from poolsvc.engine.request import PoolingRequest, Prompt
+
+if TYPE_CHECKING:  # the outputs module pulls in torch; only their types are needed here
+    from poolsvc.engine.outputs import ClassifyOutput, EmbedOutput, EncodeOutput, ScoreOutput
 from poolsvc.gen.v1 import classify_pb2, common_pb2, embed_pb2, encode_pb2, score_pb2, tensor_pb2
 
 _DTYPES = {
@@ -31,6 +38,15 @@ _WIRE_DTYPES = {
 }
 _WIRE_TASKS = {t: common_pb2.Task.Value(f"TASK_{t.name}") for t in Task}
 _TASKS_BY_WIRE = {v: k for k, v in _WIRE_TASKS.items()}
+
+
+class When(TypedDict):
+    """A call's arrival and, if the client set one, its deadline (monotonic ns)."""
+
+    arrival_ns: int
+    deadline_ns: int | None
+
+
 _SIDES = {
     common_pb2.TRUNCATION_SIDE_UNSPECIFIED: TruncationSide.RIGHT,
     common_pb2.TRUNCATION_SIDE_RIGHT: TruncationSide.RIGHT,
@@ -38,8 +54,8 @@ _SIDES = {
 }
 
 
-def inputs(messages, name: str = "input") -> list[str | list[int] | ImageInput]:
-    out: list[str | list[int] | ImageInput] = []
+def inputs(messages, name: str = "input") -> tuple[Prompt, ...]:
+    out: list[Prompt] = []
     for i, msg in enumerate(messages):
         kind = msg.WhichOneof("content")
         if kind == "text":
@@ -50,7 +66,7 @@ def inputs(messages, name: str = "input") -> list[str | list[int] | ImageInput]:
             out.append(ImageInput(msg.image.data, msg.image.mime_type))
         else:
             raise InvalidInputError(f"{name} {i} is empty: set text, tokens or image")
-    return out
+    return tuple(out)
 
 
 def output_dtype(value: int) -> OutputDType:
@@ -79,20 +95,59 @@ def prompt(request) -> PromptOptions:
     return PromptOptions(name=request.prompt_name, text=request.prompt)
 
 
-def pooling_params(request) -> PoolingParams:
-    """The pooling options a request message has (each task's message has a subset)."""
-    fields = request.DESCRIPTOR.fields_by_name
-
-    def optional(name: str):
-        return getattr(request, name) if name in fields and request.HasField(name) else None
-
-    out_dtype = output_dtype(request.output_dtype) if "output_dtype" in fields \
-        else OutputDType.FLOAT32
-    return PoolingParams(normalize=optional("normalize"), dimensions=optional("dimensions"),
-                         activation=optional("activation"), out_dtype=out_dtype)
+def _optional(request, name: str):
+    return getattr(request, name) if request.HasField(name) else None
 
 
-def task(value: int) -> Task | None:
+# --- one function per request message: proto -> the engine's PoolingRequest -----------------
+
+def embed_request(msg: embed_pb2.EmbedRequest, when: When) -> PoolingRequest:
+    params = PoolingParams(normalize=_optional(msg, "normalize"),
+                           dimensions=_optional(msg, "dimensions"),
+                           out_dtype=output_dtype(msg.output_dtype))
+    return PoolingRequest(Task.EMBED, inputs(msg.inputs), model=msg.model, params=params,
+                          truncation=truncation(msg), prompt=prompt(msg), **when)
+
+
+def classify_request(msg: classify_pb2.ClassifyRequest, when: When) -> PoolingRequest:
+    params = PoolingParams(activation=_optional(msg, "activation"),
+                           out_dtype=output_dtype(msg.output_dtype))
+    return PoolingRequest(Task.CLASSIFY, inputs(msg.inputs), model=msg.model, params=params,
+                          truncation=truncation(msg), prompt=prompt(msg), **when)
+
+
+def score_request(msg: score_pb2.ScoreRequest, when: When) -> PoolingRequest:
+    return PoolingRequest(Task.SCORE, inputs(msg.queries, "query"),
+                          inputs(msg.documents, "document"), model=msg.model,
+                          params=PoolingParams(activation=_optional(msg, "activation")),
+                          truncation=truncation(msg), **when)
+
+
+def rerank_request(msg: score_pb2.RerankRequest, when: When) -> PoolingRequest:
+    if not msg.HasField("query"):
+        raise InvalidInputError("rerank needs a query")
+    if not msg.documents:
+        raise InvalidInputError("rerank needs at least one document")
+    return PoolingRequest(Task.SCORE, inputs([msg.query], "query"),
+                          inputs(msg.documents, "document"), model=msg.model,
+                          params=PoolingParams(activation=_optional(msg, "activation")),
+                          truncation=truncation(msg), **when)
+
+
+def encode_request(msg: encode_pb2.EncodeRequest, when: When,
+                   default_task: Task) -> PoolingRequest:
+    """`default_task`: what the model runs for a request that names no task."""
+    task = _task(msg.task) or default_task
+    if task is Task.SCORE:
+        raise InvalidInputError("Encode does not run score: use Score or Rerank")
+    params = PoolingParams(normalize=_optional(msg, "normalize"),
+                           activation=_optional(msg, "activation"),
+                           out_dtype=output_dtype(msg.output_dtype))
+    return PoolingRequest(task, inputs(msg.inputs), model=msg.model, params=params,
+                          truncation=truncation(msg), prompt=prompt(msg), raw=True, **when)
+
+
+def _task(value: int) -> Task | None:
     if value == common_pb2.TASK_UNSPECIFIED:
         return None
     try:

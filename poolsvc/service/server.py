@@ -65,7 +65,7 @@ class PoolServer:
         self.config = config
         self.metrics = Metrics(queue_depth=lambda: self.engine.stats["queued"],
                                in_flight=lambda: self.engine.stats["in_flight"])
-        self.engine = Engine(config, on_batch=self.metrics.on_batch)
+        self.engine = Engine(config.engine_config, config.limits, on_batch=self.metrics.on_batch)
         self.pool = ThreadPoolExecutor(config.tokenizer_workers or os.cpu_count(),
                                        thread_name_prefix="poolsvc-tokenize")
         self.health = HealthServicer()
@@ -110,12 +110,12 @@ class PoolServer:
         log.info("poolsvc listening on %s:%d%s; loading models", self.config.host, self.port,
                  " (TLS)" if self.config.tls_cert else "")
         await _in_daemon_thread(self.engine.start)
-        served = {t for model in self.engine.models() for t in model.tasks}
+        served = {t for model in self.engine.describe() for t in model.tasks}
         await self.health.set("", SERVING)
         for name, tasks in SERVICE_TASKS.items():
             await self.health.set(name, SERVING if tasks & served else NOT_SERVING)
         self.serving = True
-        names = ", ".join(m.name for m in self.engine.models())
+        names = ", ".join(m.name for m in self.engine.describe())
         log.info("poolsvc serving %s on %s:%d", names, self.config.host, self.port)
 
     async def stop(self) -> None:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 import grpc
 
-from poolsvc.engine.engine import Clock, Engine
-from poolsvc.engine.errors import InvalidInputError
+from poolsvc.engine.description import ModelDescription
 from poolsvc.engine.params import PoolingType
-from poolsvc.engine.request import now_ns
-from poolsvc.engine.served import ServedModel
+from poolsvc.engine.request import PoolingRequest, now_ns
 from poolsvc.gen.v1 import (
     classify_pb2,
     classify_pb2_grpc,
@@ -32,6 +32,9 @@ from poolsvc.gen.v1 import (
 from poolsvc.service import convert
 from poolsvc.service.observability import Metrics, rpc_span
 from poolsvc.service.status import status_of
+
+if TYPE_CHECKING:  # the engine pulls in torch; the service layer needs only its type
+    from poolsvc.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +129,13 @@ async def serve_stream(requests: AsyncIterator, handle: Callable[[object], Await
             task.cancel()
 
 
-def _clock(context: grpc.aio.ServicerContext) -> Clock:
+def _when(context: grpc.aio.ServicerContext) -> convert.When:
     """The call's arrival, and its deadline if the client set one (work still queued when it
     passes is dropped, not computed)."""
     arrival = now_ns()
     remaining = context.time_remaining()
-    return Clock(arrival, None if remaining is None else arrival + int(remaining * 1e9))
+    return convert.When(arrival_ns=arrival, deadline_ns=None if remaining is None
+                        else arrival + int(remaining * 1e9))
 
 
 class _EngineServicer:
@@ -152,21 +156,30 @@ class _EngineServicer:
         return serve_stream(requests, functools.partial(handle, context=context), response_type,
                             self.stream_limit, record)
 
-    async def _run(self, method, *args):
-        """Validates and tokenizes in the pool (off the event loop), then awaits the runner."""
-        call = functools.partial(method, *args)
-        future = await asyncio.get_running_loop().run_in_executor(self.pool, call)
+    async def _submit(self, request: PoolingRequest):
+        """Tokenizes in the pool (off the event loop), then awaits the engine's output. A caller
+        that leaves (cancels, or its deadline passes) cancels the engine's work, even when it
+        leaves while the request is still being tokenized and admitted."""
+        submitted = self.pool.submit(self.engine.submit, request)
+        try:
+            future = await asyncio.wrap_future(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(_cancel_admitted)
+            raise
         return await asyncio.wrap_future(future)
+
+
+def _cancel_admitted(submitted: concurrent.futures.Future) -> None:
+    """Cancels the engine future a cancelled caller's submit produced, if it produced one."""
+    if not submitted.cancelled() and submitted.exception() is None:
+        submitted.result().cancel()
 
 
 class EmbedServicer(_EngineServicer, embed_pb2_grpc.EmbedServiceServicer):
     SERVICE = "poolsvc.v1.EmbedService"
 
     async def _embed(self, request: embed_pb2.EmbedRequest, context) -> embed_pb2.EmbedResponse:
-        clock = _clock(context)
-        out = await self._run(self.engine.embed, request.model, convert.inputs(request.inputs),
-                              convert.pooling_params(request), convert.truncation(request),
-                              convert.prompt(request), clock)
+        out = await self._submit(convert.embed_request(request, _when(context)))
         return convert.embed_response(out)
 
     @unary
@@ -184,10 +197,7 @@ class ClassifyServicer(_EngineServicer, classify_pb2_grpc.ClassifyServiceService
     SERVICE = "poolsvc.v1.ClassifyService"
 
     async def _classify(self, request: classify_pb2.ClassifyRequest, context):
-        clock = _clock(context)
-        out = await self._run(self.engine.classify, request.model, convert.inputs(request.inputs),
-                              convert.pooling_params(request), convert.truncation(request),
-                              convert.prompt(request), clock)
+        out = await self._submit(convert.classify_request(request, _when(context)))
         return convert.classify_response(out)
 
     @unary
@@ -205,12 +215,7 @@ class ScoreServicer(_EngineServicer, score_pb2_grpc.ScoreServiceServicer):
     SERVICE = "poolsvc.v1.ScoreService"
 
     async def _score(self, request: score_pb2.ScoreRequest, context):
-        clock = _clock(context)
-        out = await self._run(self.engine.score, request.model,
-                              convert.inputs(request.queries, "query"),
-                              convert.inputs(request.documents, "document"),
-                              convert.pooling_params(request), convert.truncation(request),
-                              clock)
+        out = await self._submit(convert.score_request(request, _when(context)))
         return convert.score_response(out)
 
     @unary
@@ -225,16 +230,7 @@ class ScoreServicer(_EngineServicer, score_pb2_grpc.ScoreServiceServicer):
 
     @unary
     async def Rerank(self, request, context):
-        clock = _clock(context)
-        if not request.HasField("query"):
-            raise InvalidInputError("rerank needs a query")
-        if not request.documents:
-            raise InvalidInputError("rerank needs at least one document")
-        out = await self._run(self.engine.score, request.model,
-                              convert.inputs([request.query], "query"),
-                              convert.inputs(request.documents, "document"),
-                              convert.pooling_params(request), convert.truncation(request),
-                              clock)
+        out = await self._submit(convert.rerank_request(request, _when(context)))
         return convert.rerank_response(out, request.documents, request.top_n,
                                        request.return_documents)
 
@@ -243,10 +239,8 @@ class EncodeServicer(_EngineServicer, encode_pb2_grpc.EncodeServiceServicer):
     SERVICE = "poolsvc.v1.EncodeService"
 
     async def _encode(self, request: encode_pb2.EncodeRequest, context):
-        clock = _clock(context)
-        out = await self._run(self.engine.encode, request.model, convert.inputs(request.inputs),
-                              convert.task(request.task), convert.pooling_params(request),
-                              convert.truncation(request), convert.prompt(request), clock)
+        default_task = self.engine.model(request.model).default_task
+        out = await self._submit(convert.encode_request(request, _when(context), default_task))
         return convert.encode_response(out)
 
     @unary
@@ -268,7 +262,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
 
     @unary
     async def ListModels(self, request, context):
-        return model_pb2.ListModelsResponse(models=[model_info(m) for m in self.engine.models()])
+        return model_pb2.ListModelsResponse(models=[model_info(m) for m in self.engine.describe()])
 
     @unary
     async def GetModelInfo(self, request, context):
@@ -294,17 +288,16 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                                           max_input_tokens=model.max_input_tokens)
 
 
-def model_info(model: ServedModel) -> model_pb2.ModelInfo:
-    files = model.files
+def model_info(model: ModelDescription) -> model_pb2.ModelInfo:
     return model_pb2.ModelInfo(
-        name=model.name, aliases=model.aliases, source=files.source, is_default=model.is_default,
+        name=model.name, aliases=model.aliases, source=model.source, is_default=model.is_default,
         tasks=[convert.wire_task(t) for t in model.tasks],
         default_task=convert.wire_task(model.default_task), dimensions=model.embed_dimensions,
-        matryoshka_dimensions=files.matryoshka_dimensions,
+        matryoshka_dimensions=model.matryoshka_dimensions,
         max_input_tokens=model.max_input_tokens, vocab_size=model.vocab_size,
-        compute_dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
+        compute_dtype=model.compute_dtype, device=model.device,
         pooling_type=_POOLING[model.pooling_type], normalize_default=model.normalize_default,
-        prompts=files.prompts, default_prompt_name=files.default_prompt_name or "",
+        prompts=model.prompts, default_prompt_name=model.default_prompt_name or "",
         labels=model.labels,
         modalities=[common_pb2.Modality.Value(f"MODALITY_{m.upper()}") for m in model.modalities],
-        architecture=files.architecture, implementation=model.implementation)
+        architecture=model.architecture, implementation=model.implementation)

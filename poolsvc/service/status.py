@@ -9,8 +9,10 @@ import grpc
 
 from poolsvc.engine.errors import (
     DeadlineExceededError,
+    EngineError,
     InvalidInputError,
     ModelNotFoundError,
+    Option,
     OverloadedError,
     UnavailableError,
     UnsupportedError,
@@ -28,12 +30,20 @@ STATUS_OF_ERROR: dict[type[Exception], grpc.StatusCode] = {
 }
 
 
+# How the request messages spell the options an error points to.
+GRPC_SPELLING = {
+    Option.TRUNCATE: "truncation.enabled=true",
+    Option.TRUNCATE_LENGTH: "truncation.max_tokens",
+}
+
+
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status for `exc`. Anything not in the table is a bug: INTERNAL, logged with its
     traceback under an id the client sees."""
     for cls in type(exc).__mro__:
         if cls in STATUS_OF_ERROR:
-            return STATUS_OF_ERROR[cls], str(exc)
+            message = exc.spelled(GRPC_SPELLING) if isinstance(exc, EngineError) else str(exc)
+            return STATUS_OF_ERROR[cls], message
     incident = uuid.uuid4().hex[:12]
     log.error("internal error %s", incident, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has the details"

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poolsvc.engine.backend import Backend
+from poolsvc.engine.description import Kind
 from poolsvc.engine.fused import kernels
 from poolsvc.engine.layers import activation, varlen_attention
 from poolsvc.engine.packing import PackedBatch
@@ -137,7 +139,7 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
-class BertModel(nn.Module):
+class BertModel(Backend):
     """Returns the last hidden states, [num_tokens, hidden], of a packed batch."""
 
     # Checkpoints of task models (BertForSequenceClassification, ...) nest the body under "bert.".
@@ -197,6 +199,7 @@ class BertPooler(nn.Module):
 class BertForSequenceClassification(BertModel):
     """The body's forward; `head` turns pooled [CLS] states into logits."""
 
+    kind = Kind.CLASSIFIER
     head_pooling = PoolingType.CLS
 
     def __init__(self, cfg: BertConfig, num_labels: int):

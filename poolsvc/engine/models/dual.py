@@ -11,13 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from poolsvc.engine.backend import Backend
+from poolsvc.engine.description import Kind
 from poolsvc.engine.errors import ModelLoadError
-from poolsvc.engine.loader import ModelFiles
+from poolsvc.engine.model_files import ModelFiles
+from poolsvc.engine.packing import PackedBatch
 
 ARCHITECTURES = {"CLIPModel": "clip", "SiglipModel": "siglip"}
 
 
-class DualEncoder(nn.Module):
+class DualEncoder(Backend):
+    kind = Kind.DUAL_ENCODER
+    modalities = ("text", "image")
+
     def __init__(self, model: nn.Module, processor, family: str):
         super().__init__()
         self.model = model
@@ -31,17 +37,48 @@ class DualEncoder(nn.Module):
         self.pad_token_id = text.pad_token_id if text.pad_token_id is not None else 0
         patches = (vision.image_size // vision.patch_size) ** 2
         self.image_tokens = patches + (1 if family == "clip" else 0)
-        self.dimensions = getattr(model.config, "projection_dim", None) if family == "clip" \
+        self.hidden_size = getattr(model.config, "projection_dim", None) if family == "clip" \
             else text.hidden_size
+        self.max_positions = self.text_positions
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Each sequence through its tower: [num_seqs, hidden_size], already pooled."""
+        images = [i for i, image in enumerate(batch.is_image) if image]
+        texts = [i for i, image in enumerate(batch.is_image) if not image]
+        out = None
+        if texts:
+            ids, mask = self._padded_texts(batch, texts)
+            rows = self.text_features(ids, mask)  # [texts, hidden]
+            out = rows.new_empty(batch.num_seqs, rows.shape[1])
+            out[texts] = rows
+        if images:
+            rows = self.image_features(batch.pixel_values)  # [images, hidden]
+            out = rows.new_empty(batch.num_seqs, rows.shape[1]) if out is None else out
+            out[images] = rows.to(out.dtype)
+        return out
+
+    def _padded_texts(self, batch: PackedBatch, texts: list[int]):
+        """The texts' ids, padded as each family's processor pads them, and their mask."""
+        lens = [batch.prompt_lens[i] for i in texts]
+        width = self.text_positions if self.pad_to_max else max(lens)
+        ids = batch.input_ids.new_full((len(texts), width), self.pad_token_id)
+        mask = torch.zeros_like(ids)
+        starts = batch.cu_seqlens[:-1].tolist()
+        for row, (i, n) in enumerate(zip(texts, lens)):
+            ids[row, :n] = batch.input_ids[starts[i]:starts[i] + n]
+            mask[row, :n] = 1
+        return ids, mask
 
     def preprocess(self, images: list) -> list[torch.Tensor]:
         """PIL images -> [3, H, W] float32 tensors, by the checkpoint's own image processor."""
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return list(pixels)
 
+    @torch.no_grad()
     def logit_scale_and_bias(self) -> tuple[float, float]:
+        """(scale, bias) of the model's logits: scale * cosine + bias (CLIP has no bias)."""
         scale = float(self.model.logit_scale.exp())
-        bias = float(self.model.logit_bias) if hasattr(self.model, "logit_bias") else 0.0
+        bias = float(self.model.logit_bias) if self.family == "siglip" else 0.0
         return scale, bias
 
     @torch.inference_mode()

@@ -11,8 +11,9 @@ import inspect
 import torch
 from torch import nn
 
+from poolsvc.engine.backend import Backend
 from poolsvc.engine.errors import ModelLoadError
-from poolsvc.engine.loader import ModelFiles
+from poolsvc.engine.model_files import ModelFiles
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import PoolingType
 
@@ -20,8 +21,7 @@ from poolsvc.engine.params import PoolingType
 _BODY_SUFFIXES = ("Model", "ForMaskedLM", "ForCausalLM", "ForPreTraining")
 
 
-class TransformersModel(nn.Module):
-    weight_prefix = ""
+class TransformersModel(Backend):
     position_offset = 0  # the wrapped model numbers positions itself
 
     def __init__(self, model: nn.Module, causal: bool):
@@ -84,6 +84,19 @@ def load(files: ModelFiles, allow_pickle: bool) -> TransformersModel:
         # transformers would run them randomly initialized: never serve that
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ModelLoadError(f"{files.path}: weights missing from the checkpoint: {shown}")
-    causal = files.architecture.endswith("ForCausalLM") or bool(
-        getattr(model.config, "is_decoder", False))
-    return TransformersModel(model.eval(), causal)
+    return TransformersModel(model.eval(), is_decoder_only(files.architecture, model.config))
+
+
+def is_decoder_only(architecture: str, config) -> bool:
+    """Causal bodies pool their last token by default (vLLM's rule). A model type transformers
+    builds only as a causal LM (Gemma, Gemma2/3, GPT-2, ...) is a decoder; one that also has a
+    masked-LM form (BERT, RoBERTa, ...) is an encoder unless its config says is_decoder."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_decoder", False) or architecture.endswith("ForCausalLM"):
+        return True
+    return (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)

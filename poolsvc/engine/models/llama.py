@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from poolsvc.engine.backend import Backend
+from poolsvc.engine.description import Kind
 from poolsvc.engine.fused import kernels
 from poolsvc.engine.layers import activation, varlen_attention
 from poolsvc.engine.packing import PackedBatch
@@ -236,7 +238,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(normed), residual
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(Backend):
     """Returns the final-norm hidden states, [num_tokens, hidden], of a packed batch."""
 
     # Checkpoints of *ForCausalLM / *ForSequenceClassification nest the body under "model.".
@@ -299,6 +301,7 @@ class MistralModel(LlamaModel):
 class TaskHead:
     """Mixed into a body class before it: adds `score` and the head the pooler runs."""
 
+    kind = Kind.CLASSIFIER
     head_pooling = PoolingType.LAST
     default_num_labels = 2  # transformers' default when a config has no labels
 

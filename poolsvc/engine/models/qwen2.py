@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from poolsvc.engine.description import Kind
 from poolsvc.engine.models.llama import DecoderConfig, LlamaModel, SequenceClassifier, TaskHead
 from poolsvc.engine.params import PoolingType
 
@@ -32,6 +33,7 @@ class Qwen2ForSequenceClassification(SequenceClassifier, Qwen2Model):
 class RewardHead(TaskHead):
     """Linear -> ReLU -> Linear on every token (Qwen2.5-Math-RM / -PRM; not in transformers)."""
 
+    kind = Kind.REWARD
     head_pooling = PoolingType.ALL
 
     def __init__(self, cfg: DecoderConfig):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from poolsvc.engine.description import Kind
 from poolsvc.engine.models.bert import BertConfig, BertModel, num_labels_of
 from poolsvc.engine.params import PoolingType
 
@@ -51,6 +52,7 @@ class RobertaClassificationHead(nn.Module):
 class RobertaForSequenceClassification(RobertaModel):
     """The body's forward; `head` turns pooled <s> states into logits. No pooler, unlike BERT."""
 
+    kind = Kind.CLASSIFIER
     head_pooling = PoolingType.CLS
 
     def __init__(self, cfg: BertConfig, num_labels: int):

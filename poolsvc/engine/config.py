@@ -1,0 +1,247 @@
+"""What the engine is configured with: the models it serves, their pooling overrides, the device
+and the batch budget. Every default is written here once; the server's config extends it (the
+CLI is generated from both), and the offline `LLM` builds it directly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+
+from poolsvc.engine.params import PoolingType
+
+BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
+# The name the bundled model is served and listed as; `--model all-MiniLM-L6-v2` selects it too.
+BUNDLED_NAME = "all-MiniLM-L6-v2"
+# The hub id of the bundled model: served from the bundled copy when the package is installed.
+BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which and why."""
+
+
+def option(help: str, **kw):
+    """A config field with the help text its command-line flag shows."""
+    return field(metadata={"help": help, **kw.pop("meta", {})}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model: where its files come from and the name requests use for it."""
+
+    source: str
+    name: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """`[NAME=]PATH_OR_HUB_ID`; NAME defaults to the model's name in the source: a hub id's
+        last part, or a directory's last meaningful path component (see `default_name`)."""
+        name, sep, source = text.partition("=")
+        if not sep:
+            name, source = "", text
+        return cls(source=source.strip(), name=name.strip())
+
+    def __post_init__(self):
+        if not self.source:
+            raise ConfigError("--model needs a directory, a hub id, or " + BUNDLED_MODEL)
+        if not self.name:
+            object.__setattr__(self, "name", default_name(self.source))
+        if not _NAME.match(self.name):
+            raise ConfigError(f"model name {self.name!r} may only use letters, digits and ._/:-")
+
+
+# Path components that name no model: a hub cache's snapshot hashes, and generic folder names.
+_GENERIC_DIRS = {"model", "models", "snapshots", "checkpoint", "checkpoints", "final", "latest",
+                 "main", "weights", "hf", "huggingface", "transformers", "onnx", ""}
+_HASH = re.compile(r"^[0-9a-f]{40}$")
+
+
+def default_name(source: str) -> str:
+    """The name a model is served as when --model gives none: the bundled model's name, a hub
+    id's last part, or the last path component that names a model (`.../bge-small/model` is
+    "bge-small"; a hub cache's `models--BAAI--bge-small/snapshots/<hash>` is "bge-small")."""
+    if source == BUNDLED_MODEL:
+        return BUNDLED_NAME
+    parts = source.rstrip("/").split("/")
+    for part in reversed(parts):
+        if part.startswith("models--"):
+            return part.split("--")[-1]
+        if part.lower() not in _GENERIC_DIRS and not _HASH.match(part):
+            return part.split(":")[-1]
+    return parts[-1].split(":")[-1] or "model"
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """Server-side pooling overrides for a model (vLLM's --override-pooler-config). Unset fields
+    leave the model's own configuration in force; requests can still override per call."""
+
+    pooling_type: PoolingType | None = None
+    normalize: bool | None = None
+    # Whether classification / scoring / reward outputs go through the task's activation.
+    activation: bool | None = None
+    # STEP pooling: the token id that marks the end of a step, and which columns of the head's
+    # output to return (process reward models).
+    step_tag_id: int | None = None
+    returned_token_ids: tuple[int, ...] | None = None
+    # Embed inputs longer than the model's limit in chunks, then average them weighted by tokens.
+    enable_chunked_processing: bool = False
+    # With chunking: the longest input accepted, in tokens (default: 16 chunks' worth).
+    max_embed_len: int | None = None
+
+    @classmethod
+    def from_json(cls, text: str) -> PoolerConfig:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"--pooler-config is not JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data) -> PoolerConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("--pooler-config must be a JSON object")
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise ConfigError(f"--pooler-config has unknown keys {unknown}; known: {sorted(known)}")
+        if data.get("pooling_type") is not None and not isinstance(data["pooling_type"],
+                                                                   PoolingType):
+            name = str(data["pooling_type"]).upper()
+            try:
+                data["pooling_type"] = PoolingType[name]
+            except KeyError:
+                raise ConfigError(f"pooling_type {name!r} is not one of "
+                                  f"{[p.name for p in PoolingType]}") from None
+        if data.get("returned_token_ids") is not None:
+            data["returned_token_ids"] = tuple(data["returned_token_ids"])
+        return cls(**data)
+
+    def __post_init__(self):
+        for name in ("normalize", "activation", "enable_chunked_processing"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"pooler config {name} must be true or false")
+        for name in ("step_tag_id", "max_embed_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"pooler config {name} must be a positive integer")
+        ids = self.returned_token_ids
+        if ids is not None and (not ids or not all(isinstance(i, int) and i >= 0 for i in ids)):
+            raise ConfigError("pooler config returned_token_ids must be a list of token ids")
+
+    def merged(self, other: PoolerConfig) -> PoolerConfig:
+        """This config with `other`'s explicitly set fields on top."""
+        changes = {f.name: getattr(other, f.name) for f in dataclasses.fields(other)
+                   if getattr(other, f.name) != f.default}
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class PoolerOverride:
+    """`--pooler-config [NAME=]JSON`: for the model served as NAME, or for every model."""
+
+    model: str
+    config: PoolerConfig
+
+    @classmethod
+    def parse(cls, text: str) -> PoolerOverride:
+        text = text.strip()
+        name, sep, rest = text.partition("=")
+        if text.startswith("{") or not sep:
+            return cls("", PoolerConfig.from_json(text))
+        return cls(name.strip(), PoolerConfig.from_json(rest))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the engine. The offline API has none (it batches its own
+    calls); the server sets them from its flags. None: unlimited."""
+
+    max_concurrent_requests: int | None = None
+    max_inputs_per_request: int | None = None
+    max_chars_per_input: int | None = None
+    max_image_bytes: int | None = None
+    max_image_pixels: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the engine, in the offline API and in `poolsvc serve` alike."""
+
+    models: tuple[ModelSpec, ...] = option(
+        "[NAME=]PATH_OR_HUB_ID of a model to serve (a Sentence-Transformers or Hugging Face "
+        "directory, or a hub id); repeat to serve several, the first is the default. "
+        f"Default: the bundled all-MiniLM-L6-v2 ({BUNDLED_MODEL})",
+        default=(ModelSpec(BUNDLED_MODEL),),
+        meta={"flag": "--model", "repeat": ModelSpec.parse, "metavar": "[NAME=]PATH_OR_HUB_ID"})
+    pooler_configs: tuple[PoolerOverride, ...] = option(
+        "[NAME=]JSON pooling overrides, e.g. '{\"pooling_type\": \"MEAN\", \"normalize\": false}'; "
+        "keys: pooling_type, normalize, activation, step_tag_id, returned_token_ids, "
+        "enable_chunked_processing, max_embed_len. Without NAME it applies to every model; "
+        "repeatable", default=(),
+        meta={"flag": "--pooler-config", "repeat": PoolerOverride.parse,
+              "metavar": "[NAME=]JSON"})
+    device: str = option("torch device: auto (cuda when available), cpu, cuda, cuda:N",
+                         default="auto")
+    dtype: str = option("compute dtype: auto (float32 on CPU, float16 on CUDA), float32, "
+                        "float16, bfloat16", default="auto", meta={"choices": DTYPES})
+    max_batch_tokens: int = option("token budget of one device batch (inputs are packed, so this "
+                                   "counts real tokens, not padding)", default=16384)
+    max_batch_inputs: int = option("most inputs in one device batch", default=512)
+    quantize: str = option("int8: int8 dynamic quantization of the linear layers (CPU only; "
+                           "accuracy and speed in docs/benchmarks.md)", default="none",
+                           meta={"choices": ("none", "int8")})
+    disable_kernels: bool = option("on CUDA, run PyTorch ops instead of the Triton kernels "
+                                   "(kernels/), to bisect a numerical difference", default=False)
+    auto_truncate: bool = option("truncate over-long inputs when a request does not say; "
+                                 "without it they are rejected with INVALID_ARGUMENT",
+                                 default=False)
+    allow_pickle_weights: bool = option(
+        "load pickled PyTorch .bin checkpoints when a model has no safetensors (unsafe for "
+        "untrusted models: unpickling can run code)", default=False)
+    threads: int = option("torch CPU threads (0: one per core)", default=0)
+    max_model_len: int = option("longest input in tokens, below the model's own maximum (0: the "
+                                "model's maximum)", default=0)
+
+    def __post_init__(self):
+        if not self.models:
+            raise ConfigError("serve at least one model")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"served model names must be unique, got {names}: use NAME=PATH")
+        for override in self.pooler_configs:
+            if override.model and override.model not in names:
+                raise ConfigError(f"--pooler-config names model {override.model!r}, which is "
+                                  f"not served; served: {', '.join(names)}")
+        if self.quantize not in ("none", "int8"):
+            raise ConfigError(f"--quantize must be none or int8, got {self.quantize!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_batch_tokens", "max_batch_inputs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.threads < 0:
+            raise ConfigError("--threads must be 0 (auto) or more")
+        if self.max_model_len < 0:
+            raise ConfigError("--max-model-len must be 0 (the model's maximum) or more")
+
+    def pooler_config(self, model: str) -> PoolerConfig:
+        """The overrides for one served model: those for every model, then its own."""
+        config = PoolerConfig()
+        for override in sorted(self.pooler_configs, key=lambda o: bool(o.model)):
+            if override.model in ("", model):
+                config = config.merged(override.config)
+        return config
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        """Only the engine's settings (a server config carries more)."""
+        if type(self) is EngineConfig:
+            return self
+        return EngineConfig(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(EngineConfig)})

@@ -1,0 +1,105 @@
+"""A request's inputs as the model sees them: token ids per input (text with its prompt, token
+ids checked against the vocabulary, pairs for cross-encoders) and pixels for images, within the
+request-size limits. Runs on the caller's thread, before anything is queued."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from poolsvc.engine.config import Limits
+from poolsvc.engine.errors import InvalidInputError, OverloadedError
+from poolsvc.engine.images import ImageInput, decode
+from poolsvc.engine.params import Task
+from poolsvc.engine.request import PoolingRequest, Prompt
+from poolsvc.engine.served import ServedModel
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """Per input (per pair for cross-encoders): token ids, token type ids for pair encodings,
+    and an image's pixels (its token ids are empty)."""
+
+    token_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None = None
+    pixels: list[torch.Tensor | None] | None = None
+
+
+def check_limits(inputs: Seq, limits: Limits, count: int | None = None) -> None:
+    """Request-size limits, before any tokenizing. `count`: what the input limit counts (the
+    pairs of a score request), when not the inputs themselves."""
+    limit = limits.max_inputs_per_request
+    count = len(inputs) if count is None else count
+    if limit is not None and count > limit:
+        raise OverloadedError(f"the request has {count} inputs, more than the server's "
+                              f"limit of {limit} (--max-inputs-per-request): split it")
+    chars = limits.max_chars_per_input
+    if chars is None:
+        return
+    for i, x in enumerate(inputs):
+        if isinstance(x, str) and len(x) > chars:
+            raise OverloadedError(f"input {i} has {len(x)} characters, more than the "
+                                  f"server's limit of {chars} (--max-chars-per-input)")
+
+
+def model_inputs(model: ServedModel, request: PoolingRequest, limits: Limits,
+                 auto_truncate: bool) -> ModelInputs:
+    """What `model` sees for `request`: a cross-encoder's score encodes each pair together;
+    every other task encodes each input (for score by cosine: the queries, then the documents)."""
+    desc = model.description
+    if request.task is Task.SCORE:
+        pairs = request.pairs
+        texts = [*request.inputs, *request.documents]
+        check_limits(texts, limits, len(pairs))
+        if desc.scores_by_cosine:
+            return _encode_each(model, texts, request, limits, auto_truncate)
+        if not all(isinstance(t, str) for t in texts):
+            raise InvalidInputError(f"cross-encoder {desc.name} scores text pairs: token-id "
+                                    "inputs cannot be paired with the model's separators")
+        limit, cut = request.truncation.limit(desc.max_input_tokens, auto_truncate)
+        encodings = model.tokenizer.encode_pairs(
+            [(request.inputs[q], request.documents[d]) for q, d in pairs], limit, cut,
+            request.truncation.side)
+        return ModelInputs([e.ids for e in encodings],
+                           [e.type_ids for e in encodings] if desc.uses_token_types else None)
+    if not request.inputs:
+        raise InvalidInputError("the request has no inputs; send at least one")
+    check_limits(request.inputs, limits)
+    return _encode_each(model, request.inputs, request, limits, auto_truncate)
+
+
+def _encode_each(model: ServedModel, inputs: Seq[Prompt], request: PoolingRequest,
+                 limits: Limits, auto_truncate: bool) -> ModelInputs:
+    desc, tok, truncation = model.description, model.tokenizer, request.truncation
+    limit, cut = truncation.limit(desc.max_input_tokens, auto_truncate)
+    if desc.chunk_size is not None and request.task is Task.EMBED and not cut:
+        limit = desc.max_chunked_tokens  # long inputs are split into chunks instead of rejected
+    out: list[list[int]] = [[] for _ in inputs]
+    texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+    images = [(i, x) for i, x in enumerate(inputs) if isinstance(x, ImageInput)]
+    prompt = request.prompt
+    for i, x in enumerate(inputs):
+        if not isinstance(x, (str, ImageInput)):
+            if prompt.name or prompt.text:
+                raise InvalidInputError("a prompt applies to text inputs only: token-id "
+                                        "inputs must already contain it")
+            out[i] = tok.check_ids(x, i, limit, cut, truncation.side)
+    if texts:
+        prefix = tok.prompt_text(prompt)
+        index = [i for i, _ in texts]
+        encodings = tok.encode([prefix + x for _, x in texts], limit, cut, truncation.side,
+                               indices=index)
+        for i, enc in zip(index, encodings):
+            out[i] = enc.ids
+    if not images:
+        return ModelInputs(out)
+    if "image" not in desc.modalities:
+        raise InvalidInputError(f"input {images[0][0]} is an image, but model {desc.name} "
+                                "accepts text only; serve an image model (CLIP, SigLIP)")
+    decoded = [decode(x, i, limits.max_image_bytes, limits.max_image_pixels) for i, x in images]
+    pixels: list[torch.Tensor | None] = [None] * len(inputs)
+    for (i, _), tensor in zip(images, model.preprocess(decoded)):
+        pixels[i] = tensor
+    return ModelInputs(out, pixels=pixels)

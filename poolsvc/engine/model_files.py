@@ -1,0 +1,199 @@
+"""A model directory's config files and what they say about serving it: Hugging Face's
+config.json and tokenizer files, and the Sentence-Transformers ones (modules.json, the Pooling,
+Dense and Normalize modules, sentence_bert_config.json, config_sentence_transformers.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from poolsvc.engine.errors import ModelLoadError
+from poolsvc.engine.params import Activation, PoolingType
+
+# Sentence-Transformers pooling mode names (`pooling_mode`) and their legacy boolean keys.
+_ST_POOLING_MODES = {
+    "cls": PoolingType.CLS,
+    "mean": PoolingType.MEAN,
+    "max": PoolingType.MAX,
+    "lasttoken": PoolingType.LAST,
+    "weightedmean": PoolingType.WEIGHTED_MEAN,
+    "mean_sqrt_len_tokens": PoolingType.MEAN_SQRT_LEN,
+}
+_ST_LEGACY_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+}
+_ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+# torch activation classes named in Sentence-Transformers configs.
+_TORCH_ACTIVATIONS = {
+    "Identity": Activation.IDENTITY,
+    "Sigmoid": Activation.SIGMOID,
+    "Tanh": Activation.TANH,
+    "Softmax": Activation.SOFTMAX,
+}
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """A Sentence-Transformers Dense module: Linear then an activation, after pooling."""
+
+    path: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: Activation
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model directory and what its config files say about serving it."""
+
+    path: Path
+    source: str
+    aliases: tuple[str, ...]
+    hf_config: dict
+    architecture: str
+    # Sentence-Transformers pooling and modules; None / empty where the directory has none.
+    pooling_type: PoolingType | None
+    normalize: bool
+    dense: tuple[DenseSpec, ...]
+    # Sentence-Transformers' max_seq_length, else the tokenizer's model_max_length, if any; the
+    # model's position table caps it further.
+    max_input_tokens: int | None
+    lowercase: bool
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    matryoshka_dimensions: tuple[int, ...] = ()
+    # A CrossEncoder's configured activation (config.json "sentence_transformers.activation_fn").
+    score_activation: Activation | None = None
+
+
+def _read_json(path: Path) -> dict | list | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+
+
+def read_model_files(path: Path, source: str, aliases: tuple[str, ...]) -> ModelFiles:
+    hf_config = _read_json(path / "config.json")
+    if not isinstance(hf_config, dict):
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    archs = hf_config.get("architectures") or []
+    from poolsvc.engine.models import MODEL_TYPES
+    architecture = archs[0] if archs else MODEL_TYPES.get(hf_config.get("model_type", ""), "")
+
+    bert_cfg = _read_json(path / "sentence_bert_config.json") or {}
+    st_cfg = _read_json(path / "config_sentence_transformers.json") or {}
+    # Sentence-Transformers v5+ saves a CrossEncoder as a Transformer-only modules.json
+    cross_encoder = st_cfg.get("model_type") == "CrossEncoder" or \
+        architecture.endswith("ForSequenceClassification")
+    pooling, normalize, dense = None, True, ()  # no Sentence-Transformers files: the defaults
+    modules = _read_json(path / "modules.json")
+    if modules is not None:
+        pooling, normalize, dense = _read_st_modules(path, modules, cross_encoder)
+    prompts = st_cfg.get("prompts") or {}
+    default_prompt = st_cfg.get("default_prompt_name") or None
+    if default_prompt is not None and default_prompt not in prompts:
+        raise ModelLoadError(f"{path}: default_prompt_name {default_prompt!r} is not a prompt")
+    matryoshka = hf_config.get("matryoshka_dimensions") or st_cfg.get("matryoshka_dimensions") or ()
+    return ModelFiles(
+        path=path, source=source, aliases=aliases, hf_config=hf_config, architecture=architecture,
+        pooling_type=pooling, normalize=normalize, dense=dense,
+        max_input_tokens=bert_cfg.get("max_seq_length") or _tokenizer_max_length(path),
+        lowercase=bool(bert_cfg.get("do_lower_case", False)), prompts=dict(prompts),
+        default_prompt_name=default_prompt,
+        matryoshka_dimensions=tuple(sorted(int(d) for d in matryoshka)),
+        score_activation=_cross_encoder_activation(path, hf_config, st_cfg))
+
+
+def _torch_activation(path: Path, name: str) -> Activation:
+    try:
+        return _TORCH_ACTIVATIONS[name.rsplit(".", 1)[-1]]
+    except KeyError:
+        raise ModelLoadError(f"{path}: activation {name!r} is not supported; supported: "
+                             f"{', '.join(_TORCH_ACTIVATIONS)}") from None
+
+
+def _cross_encoder_activation(path: Path, hf_config: dict, st_cfg: dict) -> Activation | None:
+    """A CrossEncoder's activation_fn: in config_sentence_transformers.json (v5+), or in
+    config.json (earlier versions)."""
+    name = (st_cfg.get("activation_fn") if st_cfg.get("model_type") == "CrossEncoder" else None) \
+        or (hf_config.get("sentence_transformers") or {}).get("activation_fn") \
+        or hf_config.get("sbert_ce_default_activation_function")
+    return _torch_activation(path, name) if name else None
+
+
+def _tokenizer_max_length(path: Path) -> int | None:
+    value = (_read_json(path / "tokenizer_config.json") or {}).get("model_max_length")
+    # transformers writes a huge sentinel (1e30) when a tokenizer has no limit
+    return value if isinstance(value, int) and value < 1_000_000 else None
+
+
+def _read_st_modules(path: Path, modules: list, cross_encoder: bool
+                     ) -> tuple[PoolingType | None, bool, tuple[DenseSpec, ...]]:
+    pooling, normalize, dense = None, False, []
+    for module in modules:
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        directory = path / module.get("path", "")
+        if kind not in _ST_MODULES:
+            raise ModelLoadError(
+                f"{path}: Sentence-Transformers module {module.get('type')!r} is not supported "
+                f"(supported: {', '.join(_ST_MODULES)})")
+        if kind == "Transformer" and module.get("path", "") not in ("", "."):
+            raise ModelLoadError(f"{path}: the Transformer module must be the directory itself")
+        if kind == "Pooling":
+            pooling = _read_st_pooling(directory)
+        elif kind == "Dense":
+            if pooling is None or normalize:
+                raise ModelLoadError(f"{path}: a Dense module must come after Pooling and before "
+                                     "Normalize")
+            dense.append(_read_st_dense(directory))
+        normalize = normalize or kind == "Normalize"
+    if pooling is None and not cross_encoder:  # a cross-encoder's head reads the tokens
+        raise ModelLoadError(f"{path}: modules.json has no Pooling module")
+    return pooling, normalize, tuple(dense)
+
+
+def _read_st_dense(directory: Path) -> DenseSpec:
+    config = _read_json(directory / "config.json")
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{directory} has no config.json for its Dense module")
+    if config.get("use_residual") or config.get("module_input_name", "sentence_embedding") != \
+            "sentence_embedding" or config.get("module_output_name", "sentence_embedding") != \
+            "sentence_embedding":
+        raise ModelLoadError(f"{directory}: only plain Dense modules (no residual, on the "
+                             "sentence embedding) are supported")
+    try:
+        return DenseSpec(path=directory, in_features=int(config["in_features"]),
+                         out_features=int(config["out_features"]),
+                         bias=bool(config.get("bias", True)),
+                         activation=_torch_activation(directory, config.get(
+                             "activation_function", "torch.nn.modules.activation.Tanh")))
+    except KeyError as exc:
+        raise ModelLoadError(f"{directory}/config.json lacks {exc}") from None
+
+
+def _read_st_pooling(directory: Path) -> PoolingType:
+    config = _read_json(directory / "config.json")
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{directory} has no config.json for its Pooling module")
+    mode = config.get("pooling_mode")
+    if mode is None:
+        modes = [name for key, name in _ST_LEGACY_KEYS.items() if config.get(key)]
+    else:
+        modes = [mode] if isinstance(mode, str) else list(mode)
+    if len(modes) != 1 or modes[0] not in _ST_POOLING_MODES:
+        raise ModelLoadError(
+            f"{directory}: pooling {modes} is not supported; exactly one of "
+            f"{', '.join(_ST_POOLING_MODES)} is")
+    if config.get("include_prompt", True) is False:
+        raise ModelLoadError(f"{directory}: include_prompt=false is not supported yet")
+    return _ST_POOLING_MODES[modes[0]]

@@ -1,0 +1,265 @@
+"""The pooling step, as vLLM structures it: method -> head -> activation, then the embedding
+options (Matryoshka truncation, normalization) and the output dtype. Runs on the device after
+the forward pass, on packed hidden states [num_tokens, hidden] with cu_seqlens, for only the
+sequences a set of options applies to.
+
+`options_for` decides, once, which of a request's options apply to its task on its model, and
+fills the rest from the model's defaults; `pool` then computes with exactly those options.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from poolsvc.engine.description import Kind, ModelDescription
+from poolsvc.engine.errors import InvalidInputError
+from poolsvc.engine.fused import kernels
+from poolsvc.engine.packing import PackedBatch
+from poolsvc.engine.params import Activation, OutputDType, PoolingType, Task
+from poolsvc.engine.request import PoolingRequest
+
+# Sequence methods the Triton pooling kernel implements (with dimensions, normalize, dtype).
+_KERNEL_METHODS = (PoolingType.CLS, PoolingType.LAST, PoolingType.MEAN)
+_TORCH_DTYPES = {OutputDType.FLOAT32: torch.float32, OutputDType.FLOAT16: torch.float16,
+                 OutputDType.BFLOAT16: torch.bfloat16}
+
+
+class Head(enum.Enum):
+    NONE = "none"      # the pooled hidden states themselves
+    DENSE = "dense"    # Sentence-Transformers Dense modules
+    MODEL = "model"    # the checkpoint's classification / reward head (a dual encoder's towers)
+
+
+@dataclass(frozen=True)
+class PoolerOptions:
+    """Every option of the pooling step for one request on one model. Hashable: a batch pools
+    each distinct set of options once, over the sequences that share it."""
+
+    method: PoolingType
+    head: Head
+    activation: Activation = Activation.IDENTITY
+    normalize: bool = False
+    dimensions: int | None = None
+    out_dtype: OutputDType = OutputDType.FLOAT32
+    step_tag_id: int | None = None
+    returned_token_ids: tuple[int, ...] | None = None
+
+    def for_chunks(self) -> PoolerOptions:
+        """What each chunk of a chunked input is pooled with: raw float32 rows, so their
+        token-weighted mean can be finished (`finish_rows`) once the last chunk is in."""
+        return PoolerOptions(self.method, self.head)
+
+
+# --- which options apply, decided once -----------------------------------------------------------
+
+# The request options each task takes; any other option set on a request is an error.
+_TASK_OPTIONS = {
+    Task.EMBED: {"normalize", "dimensions"},
+    Task.TOKEN_EMBED: {"normalize"},
+    Task.CLASSIFY: {"activation"},
+    Task.SCORE: {"activation"},
+    Task.REWARD: {"activation"},
+    Task.TOKEN_CLASSIFY: {"activation"},
+}
+
+
+def options_for(request: PoolingRequest, model: ModelDescription) -> PoolerOptions:
+    """The pooling of `request` on `model`: the request's options where it sets them, else the
+    server's --pooler-config, else the model's files and defaults. Options that mean nothing for
+    the task (or this model's way of computing it) are errors, never silently ignored."""
+    task, params = request.task, request.params
+    model.check_task(task)
+    allowed = set(_TASK_OPTIONS[task])
+    if task is Task.SCORE and model.scores_by_cosine and model.kind is not Kind.DUAL_ENCODER:
+        allowed.discard("activation")  # a bi-encoder's score is the cosine, nothing to activate
+    if request.raw and params.dimensions is not None:  # Encode returns the task's raw output
+        raise InvalidInputError("dimensions does not apply to encode; leave it unset")
+    for name in ("normalize", "dimensions", "activation"):
+        if getattr(params, name) is not None and name not in allowed:
+            raise InvalidInputError(f"{name} does not apply to {_what(request, model)}; leave it "
+                                    "unset")
+    if task is Task.EMBED or (task is Task.SCORE and model.scores_by_cosine):
+        model.check_dimensions(params.dimensions)
+        normalize = True if task is Task.SCORE else \
+            _pick(params.normalize, model.normalize_default)
+        return PoolerOptions(model.pooling_type, _embed_head(model), normalize=normalize,
+                             dimensions=params.dimensions, out_dtype=params.out_dtype)
+    if task is Task.TOKEN_EMBED:
+        return PoolerOptions(PoolingType.ALL, Head.NONE,
+                             normalize=_pick(params.normalize, model.normalize_default),
+                             out_dtype=params.out_dtype)
+    activation = model.activation(task, params.activation)
+    if task.per_token:
+        return PoolerOptions(model.token_pooling, Head.MODEL, activation,
+                             out_dtype=params.out_dtype, step_tag_id=model.step_tag_id,
+                             returned_token_ids=model.returned_token_ids)
+    return PoolerOptions(model.pooling_type, Head.MODEL, activation, out_dtype=params.out_dtype)
+
+
+def _embed_head(model: ModelDescription) -> Head:
+    if model.kind is Kind.DUAL_ENCODER:
+        return Head.MODEL  # the towers' own projections
+    return Head.DENSE if model.has_dense else Head.NONE
+
+
+def _what(request: PoolingRequest, model: ModelDescription) -> str:
+    if request.task is Task.SCORE and model.scores_by_cosine:
+        return f"score with embedding model {model.name} (the score is a cosine)"
+    return request.task.value
+
+
+def _pick(requested: bool | None, default: bool) -> bool:
+    return default if requested is None else requested
+
+
+# --- the step itself, on the device --------------------------------------------------------------
+
+def pool(hidden: torch.Tensor, batch: PackedBatch, index: torch.Tensor | None,
+         options: PoolerOptions, head: Callable[[torch.Tensor], torch.Tensor] | None,
+         use_kernel: bool = False) -> tuple[torch.Tensor, list[int] | None]:
+    """The sequences `index` of the batch (None: all), pooled with `options`: rows [n, D] in the
+    output dtype, one per sequence, or for per-token methods the rows of every kept token and
+    how many belong to each sequence."""
+    if options.method.per_token:
+        rows, counts = token_rows(options.method, hidden, batch, index, options.step_tag_id)
+    elif use_kernel and options.method in _KERNEL_METHODS and head is None:
+        return kernels().pool(hidden, batch.cu_seqlens, options.method, options.dimensions,
+                              options.normalize, _TORCH_DTYPES[options.out_dtype],
+                              seq_index=index), None
+    elif use_kernel and options.method in _KERNEL_METHODS:
+        rows, counts = kernels().pool(hidden, batch.cu_seqlens, options.method,
+                                      seq_index=index), None
+    else:
+        rows, counts = sequence_rows(options.method, hidden, batch.cu_seqlens, index), None
+    if head is not None:
+        rows = head(rows)  # [n, out_features]
+    return finish_rows(rows, options), counts
+
+
+def finish_rows(rows: torch.Tensor, options: PoolerOptions) -> torch.Tensor:
+    """activation -> returned columns -> Matryoshka truncation -> L2 normalization -> dtype, in
+    float32. Normalizing after truncation gives the kept prefix norm 1 (TEI's order)."""
+    rows = rows.float()
+    if options.returned_token_ids is not None:
+        rows = rows[..., list(options.returned_token_ids)]
+    rows = activate(rows, options.activation)
+    if options.dimensions is not None:
+        rows = rows[..., :options.dimensions]
+    if options.normalize:
+        rows = F.normalize(rows, p=2.0, dim=-1)
+    return rows.to(_TORCH_DTYPES[options.out_dtype])
+
+
+def activate(x: torch.Tensor, activation: Activation) -> torch.Tensor:
+    if activation is Activation.SIGMOID:
+        return torch.sigmoid(x)
+    if activation is Activation.SOFTMAX:
+        return torch.softmax(x, dim=-1)
+    if activation is Activation.TANH:
+        return torch.tanh(x)
+    return x
+
+
+# --- methods: packed tokens -> rows --------------------------------------------------------------
+
+def sequence_rows(method: PoolingType, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+                  index: torch.Tensor | None) -> torch.Tensor:
+    """One float32 row per sequence of `index` (None: every sequence): [n, hidden]."""
+    if method is PoolingType.CLS:
+        starts = cu_seqlens[:-1].long()
+        return hidden[starts if index is None else starts[index]].float()
+    if method is PoolingType.LAST:
+        ends = cu_seqlens[1:].long() - 1
+        return hidden[ends if index is None else ends[index]].float()
+    if index is not None:
+        hidden, cu_seqlens = _select(hidden, cu_seqlens, index)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).float()[:, None]  # [n, 1]
+    if method is PoolingType.MAX:
+        out = hidden.new_full((lengths.shape[0], hidden.shape[1]), float("-inf"),
+                              dtype=torch.float32)
+        seq = _seq_of_token(cu_seqlens, hidden.shape[0])[:, None].expand(-1, hidden.shape[1])
+        return out.scatter_reduce_(0, seq, hidden.float(), reduce="amax")
+    if method is PoolingType.MEAN:
+        return _segment_sum(hidden, cu_seqlens) / lengths
+    if method is PoolingType.MEAN_SQRT_LEN:
+        return _segment_sum(hidden, cu_seqlens) / lengths.sqrt()
+    if method is PoolingType.WEIGHTED_MEAN:  # Sentence-Transformers: token i weighs i + 1
+        seq = _seq_of_token(cu_seqlens, hidden.shape[0])
+        weights = torch.arange(1, hidden.shape[0] + 1, device=hidden.device) - \
+            cu_seqlens[:-1].long()[seq]  # [num_tokens] 1-based position in its sequence
+        return _segment_sum(hidden, cu_seqlens, weights.float()) / (lengths * (lengths + 1) / 2)
+    raise ValueError(f"{method} is not a sequence pooling method")
+
+
+def token_rows(method: PoolingType, hidden: torch.Tensor, batch: PackedBatch,
+               index: torch.Tensor | None, step_tag_id: int | None
+               ) -> tuple[torch.Tensor, list[int]]:
+    """ALL: every token's row. STEP: the rows at step-tag tokens (every token when no tag is
+    configured). Returns the rows [rows, hidden] of the sequences `index` and each one's count."""
+    input_ids, cu_seqlens = batch.input_ids, batch.cu_seqlens
+    if index is not None:
+        rows = _token_index(cu_seqlens, index)
+        hidden, input_ids = hidden[rows], input_ids[rows]
+        cu_seqlens = _sub_cu_seqlens(cu_seqlens, index)
+    if method is PoolingType.ALL or step_tag_id is None:
+        return hidden, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    keep = input_ids == step_tag_id  # [num_tokens]
+    counts = torch.zeros(cu_seqlens.numel() - 1, dtype=torch.long, device=hidden.device)
+    counts.index_add_(0, _seq_of_token(cu_seqlens, hidden.shape[0]), keep.long())
+    return hidden[keep], counts.tolist()
+
+
+def _seq_of_token(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device),
+                                   lengths, output_size=num_tokens)  # [num_tokens]
+
+
+def _segment_sum(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    values = hidden.float() if weights is None else hidden.float() * weights[:, None]
+    sums = hidden.new_zeros(cu_seqlens.numel() - 1, hidden.shape[1], dtype=torch.float32)
+    return sums.index_add_(0, _seq_of_token(cu_seqlens, hidden.shape[0]), values)
+
+
+def _sub_cu_seqlens(cu_seqlens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1])[index]
+    return F.pad(lengths.cumsum(0), (1, 0)).to(cu_seqlens.dtype)  # [n + 1]
+
+
+def _token_index(cu_seqlens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The packed rows of the sequences `index`, in that order: [their tokens]."""
+    starts, sub = cu_seqlens[:-1].long()[index], _sub_cu_seqlens(cu_seqlens, index).long()
+    lengths = sub[1:] - sub[:-1]
+    total = int(sub[-1])
+    return torch.repeat_interleave(starts - sub[:-1], lengths, output_size=total) + \
+        torch.arange(total, device=cu_seqlens.device)
+
+
+def _select(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+            index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return hidden[_token_index(cu_seqlens, index)], _sub_cu_seqlens(cu_seqlens, index)
+
+
+class DenseHead(nn.Module):
+    """Sentence-Transformers Dense modules, chained in order after pooling."""
+
+    def __init__(self, layers: list[tuple[nn.Linear, Activation]]):
+        super().__init__()
+        self.linears = nn.ModuleList(linear for linear, _ in layers)
+        self.activations = [act for _, act in layers]
+
+    @property
+    def out_features(self) -> int:
+        return self.linears[-1].out_features
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        for linear, act in zip(self.linears, self.activations):
+            rows = activate(linear(rows.to(linear.weight.dtype)), act)
+        return rows
