@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from poolsvc.engine.config import (  # noqa: F401  (re-exported: the settings' one import)
@@ -20,6 +21,9 @@ from poolsvc.engine.config import (  # noqa: F401  (re-exported: the settings' o
 )
 from poolsvc.engine.config import option as _opt
 
+# The environment variable the API key may come from instead of a flag.
+API_KEY_VARIABLE = "POOLSVC_API_KEY"
+
 
 @dataclass(frozen=True)
 class ServerConfig(EngineConfig):
@@ -33,18 +37,27 @@ class ServerConfig(EngineConfig):
     max_concurrent_requests: int = _opt(
         "requests admitted at once (unary calls and stream items alike); past it requests are "
         "refused with RESOURCE_EXHAUSTED instead of queueing without bound", default=1024)
+    max_queue_seconds: float = _opt(
+        "most work, in seconds at the rate this device has been running, that may wait ahead "
+        "of a new request; past it (or past the call's deadline) requests are refused at once "
+        "with RESOURCE_EXHAUSTED, before they are decoded", default=20.0)
     max_stream_inflight: int = _opt("requests of one stream being processed at once; further "
                                     "requests wait in flow control", default=64)
     max_inputs_per_request: int = _opt("most inputs (or score pairs) one request may carry; more "
                                        "is RESOURCE_EXHAUSTED", default=2048)
-    max_chars_per_input: int = _opt("longest text accepted, in characters, checked before "
-                                    "tokenizing; longer is RESOURCE_EXHAUSTED", default=100_000)
+    max_chars_per_input: int = _opt("longest text accepted, in characters (its prompt "
+                                    "included), checked before tokenizing; longer is "
+                                    "RESOURCE_EXHAUSTED", default=100_000)
+    max_chars_per_request: int = _opt("most characters of text one request may carry, prompts "
+                                      "included; more is RESOURCE_EXHAUSTED", default=2_000_000)
     max_image_bytes: int = _opt("largest encoded image accepted, checked before decoding; larger "
-                                "is RESOURCE_EXHAUSTED", default=20 << 20)
+                                "is RESOURCE_EXHAUSTED", default=10 << 20)
     max_image_pixels: int = _opt("most pixels (width x height) an image may decode to, read from "
                                  "its header before decoding (decompression bombs); more is "
                                  "RESOURCE_EXHAUSTED", default=50_000_000)
-    max_message_bytes: int = _opt("largest request or response message", default=64 << 20)
+    max_message_bytes: int = _opt("largest request or response message; a request whose "
+                                  "response would be larger is refused before it is computed",
+                                  default=16 << 20)
     grace_period: float = _opt("seconds in-flight calls get to finish on SIGTERM", default=10.0)
     log_level: str = _opt("logging level", default="INFO",
                           meta={"choices": ("DEBUG", "INFO", "WARNING", "ERROR")})
@@ -57,7 +70,8 @@ class ServerConfig(EngineConfig):
     tls_client_ca: str = _opt("PEM CA bundle: require client certificates signed by it (mutual "
                               "TLS)", default="")
     api_key: str = _opt("require 'authorization: Bearer KEY' on every model RPC (health and "
-                        "reflection stay open for probes)", default="")
+                        "reflection stay open for probes); visible in the process list: in "
+                        "production use --api-key-file or $POOLSVC_API_KEY", default="")
     api_key_file: str = _opt("read the API key from this file instead (first line)", default="")
 
     def __post_init__(self):
@@ -65,12 +79,14 @@ class ServerConfig(EngineConfig):
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
         for name in ("max_stream_inflight", "max_concurrent_requests", "max_inputs_per_request",
-                     "max_chars_per_input", "max_image_bytes", "max_image_pixels",
-                     "max_message_bytes"):
+                     "max_chars_per_input", "max_chars_per_request", "max_image_bytes",
+                     "max_image_pixels", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.tokenizer_workers < 0:
             raise ConfigError("--tokenizer-workers must be 0 (auto) or more")
+        if self.max_queue_seconds <= 0:
+            raise ConfigError("--max-queue-seconds must be above 0")
         if self.grace_period < 0:
             raise ConfigError("--grace-period must be >= 0 seconds")
         if not 0 <= self.metrics_port <= 65535:
@@ -89,11 +105,15 @@ class ServerConfig(EngineConfig):
     @property
     def limits(self) -> Limits:
         """The per-request limits the engine enforces for this server."""
-        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
+        same = {f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)
+                if hasattr(self, f.name)}
+        return Limits(**same, max_response_bytes=self.max_message_bytes)
 
-    def read_api_key(self) -> str:
+    def read_api_key(self, environ: Mapping[str, str] = os.environ) -> str:
+        """--api-key, else the first line of --api-key-file, else $POOLSVC_API_KEY (the ways
+        that keep the key out of the process's command line)."""
         if not self.api_key_file:
-            return self.api_key
+            return self.api_key or environ.get(API_KEY_VARIABLE, "").strip()
         with open(self.api_key_file, encoding="utf-8") as f:
             key = f.readline().strip()
         if not key:

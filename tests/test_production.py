@@ -40,8 +40,9 @@ class Load:
     result is checked against the offline API's embedding of the same text."""
 
     def __init__(self, address: str, reference: dict, callers: int = 64, seed: int = 0,
-                 streams: float = 0.3):
+                 streams: float = 0.3, metadata=None):
         self.address, self.reference, self.callers = address, reference, callers
+        self.metadata = metadata
         self.streams = streams  # the share of calls that are streams
         self.random = random.Random(seed)
         self.ok = 0
@@ -72,7 +73,8 @@ class Load:
                         texts = self._batch()
                         try:
                             reply = await stub.Embed(embed_pb2.EmbedRequest(
-                                inputs=[common_pb2.Input(text=t) for t in texts]), timeout=120)
+                                inputs=[common_pb2.Input(text=t) for t in texts]), timeout=120,
+                                metadata=self.metadata)
                             self._check(texts, reply)
                         except grpc.aio.AioRpcError as err:
                             self.failures.append((err.code(), err.details()))
@@ -83,7 +85,8 @@ class Load:
                                  EmbedRequest(inputs=[common_pb2.Input(text=t) for t in b]))
                                  for i, b in enumerate(batches)]
                         try:
-                            async for reply in stub.EmbedStream(iter(items), timeout=120):
+                            async for reply in stub.EmbedStream(iter(items), timeout=120,
+                                                                metadata=self.metadata):
                                 if reply.WhichOneof("result") == "error":
                                     self.failures.append((reply.error.code, reply.error.message))
                                 else:

@@ -9,6 +9,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from poolsvc.engine.errors import OverloadedError
 from poolsvc.engine.params import PoolingType
 
 BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
@@ -159,14 +160,55 @@ class PoolerOverride:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the engine. The offline API has none (it batches its own
-    calls); the server sets them from its flags. None: unlimited."""
+    """What one request may ask of the engine, and how much work may wait. The offline API has
+    none (it slices its own calls); the server sets them from its flags. None: unlimited."""
 
     max_concurrent_requests: int | None = None
+    max_queue_seconds: float | None = None
     max_inputs_per_request: int | None = None
     max_chars_per_input: int | None = None
+    max_chars_per_request: int | None = None
     max_image_bytes: int | None = None
     max_image_pixels: int | None = None
+    max_response_bytes: int | None = None
+
+    def check_inputs(self, count: int) -> None:
+        """The input-count limit (score: the pairs), checked before inputs are even decoded."""
+        limit = self.max_inputs_per_request
+        if limit is not None and count > limit:
+            raise OverloadedError(f"the request has {count} inputs, more than the server's "
+                                  f"limit of {limit} (--max-inputs-per-request): split it")
+
+    def check_token_ids(self, counts: list[int]) -> None:
+        """Token-id inputs count against the character limits, one per id."""
+        per_input, total = self.max_chars_per_input, self.max_chars_per_request
+        if per_input is not None and counts and max(counts) > per_input:
+            raise OverloadedError(f"a token-id input has {max(counts)} ids, more than the "
+                                  f"server's limit of {per_input} (--max-chars-per-input)")
+        if total is not None and sum(counts) > total:
+            raise OverloadedError(f"the request has {sum(counts)} token ids in all, more than "
+                                  f"the server's limit of {total} (--max-chars-per-request)")
+
+    def check_texts(self, texts, prefix: str = "") -> None:
+        """Character limits, before tokenizing: each text with the prompt prefixed to it, and
+        all of them together."""
+        per_input, total = self.max_chars_per_input, self.max_chars_per_request
+        if per_input is None and total is None:
+            return
+        count = 0
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                continue
+            chars = len(prefix) + len(text)
+            if per_input is not None and chars > per_input:
+                what = f"input {i} with its prompt" if prefix else f"input {i}"
+                raise OverloadedError(f"{what} has {chars} characters, more than the server's "
+                                      f"limit of {per_input} (--max-chars-per-input)")
+            count += chars
+        if total is not None and count > total:
+            raise OverloadedError(f"the request has {count} characters in all (prompts "
+                                  f"included), more than the server's limit of {total} "
+                                  "(--max-chars-per-request): split it")
 
 
 @dataclass(frozen=True)

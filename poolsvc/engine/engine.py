@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 
 import torch
 from tokenizers import Encoding
 
+from poolsvc.engine.admission import Admission, Ticket
 from poolsvc.engine.config import ConfigError, EngineConfig, Limits
 from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.errors import (
@@ -21,9 +21,11 @@ from poolsvc.engine.errors import (
     ModelNotFoundError,
     OverloadedError,
     UnavailableError,
+    quoted,
 )
-from poolsvc.engine.inputs import check_limits, model_inputs
+from poolsvc.engine.inputs import model_inputs
 from poolsvc.engine.loader import load_model
+from poolsvc.engine.outputs import response_bytes
 from poolsvc.engine.params import PromptOptions, Task, Truncation
 from poolsvc.engine.pooler import options_for
 from poolsvc.engine.request import PoolingRequest
@@ -60,10 +62,16 @@ class Engine:
         self._models: dict[str, ServedModel] = {}  # by name and alias
         self._served: list[ServedModel] = []        # the default first
         self._queue = WorkQueue(config.max_batch_tokens, config.max_batch_inputs)
-        self._runner = ModelRunner(self._queue, on_batch)
-        self._in_flight = 0  # requests admitted and not yet answered
-        self._admission = threading.Lock()
+        self._admission = Admission(limits)
+        self._runner = ModelRunner(self._queue, self._observe(on_batch))
         self.ready = False
+
+    def _observe(self, on_batch: BatchObserver | None) -> BatchObserver:
+        def observe(model: str, seqs: int, tokens: int, seconds: float) -> None:
+            self._admission.ran(tokens, seconds)  # the device's rate, for admission
+            if on_batch is not None:
+                on_batch(model, seqs, tokens, seconds)
+        return observe
 
     def start(self) -> None:
         """Loads and warms up every model, then starts the runner (blocking: minutes for big
@@ -87,6 +95,7 @@ class Engine:
                 self._models.setdefault(key, model)
             self._served.append(model)
             model.warm_up()
+            self._admission.ran(*model.time_one_batch())  # a first rate, before any traffic
         self._runner.start()
         self.ready = True
 
@@ -109,16 +118,39 @@ class Engine:
         return self._queue.held()
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
         """Counters since start (batches, sequences and tokens run; expired sequences dropped),
-        and now: requests in flight, sequences waiting."""
-        return {**self._queue.stats, "in_flight": self._in_flight, "queued": self._queue.depth}
+        and now: requests in flight, sequences waiting, the estimated seconds of work admitted."""
+        counters = dict.fromkeys(("batches", "sequences", "tokens", "expired"), 0)
+        return {**counters, **self._queue.stats, "in_flight": self._admission.in_flight,
+                "queued": self._queue.depth, "queued_seconds": self._admission.queued_seconds}
+
+    def admit(self, deadline_ns: int | None = None) -> Ticket:
+        """Admits a request before any work is done on it (the server: before decoding it), or
+        raises OverloadedError at once. Pass the ticket to `submit`; it is released when the
+        request is answered."""
+        if not self.ready:
+            raise UnavailableError("the server is not serving (loading or shutting down); retry")
+        return self._admission.admit(deadline_ns)
+
+    def release(self, ticket: Ticket) -> None:
+        """Gives back a ticket whose request was never submitted."""
+        self._admission.release(ticket)
 
     # --- requests --------------------------------------------------------------------------------
 
-    def submit(self, request: PoolingRequest) -> Future:
+    def submit(self, request: PoolingRequest, ticket: Ticket | None = None) -> Future:
         """A future of the request's output (EmbedOutput, ClassifyOutput, ScoreOutput, or for
-        `raw` requests EncodeOutput)."""
+        `raw` requests EncodeOutput). `ticket`: from `admit`; without one the request is
+        admitted here."""
+        ticket = ticket or self.admit(request.deadline_ns)
+        try:
+            return self._submit(request, ticket)
+        except BaseException:
+            self._admission.release(ticket)
+            raise
+
+    def _submit(self, request: PoolingRequest, ticket: Ticket) -> Future:
         if not self.ready:
             raise UnavailableError("the server is not serving (loading or shutting down); retry")
         model = self.served(request.model)
@@ -133,7 +165,14 @@ class Engine:
                         inputs.pixels, desc.image_tokens,
                         chunk_size=desc.chunk_size if request.task is Task.EMBED else None,
                         labels=desc.labels, pairs=pairs, logit=logit)
-        return self._enqueue(model, state)
+        limit = self.limits.max_response_bytes
+        if limit is not None and (size := response_bytes(state, desc)) > limit:
+            raise OverloadedError(
+                f"the response would be {size / 2**20:.1f} MiB, more than the server's limit of "
+                f"{limit / 2**20:.1f} MiB (--max-message-bytes): send fewer inputs, or ask for "
+                "a smaller output (dimensions, output_dtype)")
+        self._admission.counted_as(ticket, state.num_tokens, request.deadline_ns)
+        return self._enqueue(model, state, ticket)
 
     def tokenize(self, model_name: str, texts: Seq[str], truncation: Truncation = Truncation(),
                  prompt: PromptOptions = PromptOptions(), add_special_tokens: bool = True,
@@ -141,10 +180,11 @@ class Engine:
         model = self.served(model_name)
         if not texts:
             raise InvalidInputError("the request has no texts; send at least one")
-        check_limits(texts, self.limits)
+        self.limits.check_inputs(len(texts))
+        prefix = model.tokenizer.prompt_text(prompt)
+        self.limits.check_texts(texts, prefix)
         limit, cut = truncation.limit(model.description.max_input_tokens,
                                       self.config.auto_truncate)
-        prefix = model.tokenizer.prompt_text(prompt)
         return model.description, model.tokenizer.encode(
             [prefix + t for t in texts], limit, cut, truncation.side,
             add_special_tokens=add_special_tokens, offsets=offsets)
@@ -160,29 +200,18 @@ class Engine:
         except KeyError:
             known = ", ".join(m.name for m in self._served)
             raise ModelNotFoundError(
-                f"model {name!r} is not served here; served: {known}") from None
+                f"model {quoted(name)} is not served here; served: {known}") from None
 
-    def _enqueue(self, model: ServedModel, state: Request) -> Future:
+    def _enqueue(self, model: ServedModel, state: Request, ticket: Ticket) -> Future:
         deadline = state.deadline_ns
         if deadline is not None and deadline <= state.tokenized_ns:
             raise DeadlineExceededError("the deadline passed during tokenization; nothing was "
                                         "computed")
-        with self._admission:
-            limit = self.limits.max_concurrent_requests
-            if limit is not None and self._in_flight >= limit:
-                raise OverloadedError(
-                    f"{self._in_flight} requests are in flight, the server's limit "
-                    f"(--max-concurrent-requests {limit}); retry with backoff or on another "
-                    "replica")
-            self._in_flight += 1
-        state.future.add_done_callback(self._release)
+        seqs = state.sequences()
+        state.future.add_done_callback(lambda _: self._admission.release(ticket))
         try:
-            self._queue.put(model, state.sequences())
+            self._queue.put(model, seqs)
         except BaseException:
             state.future.cancel()
             raise
         return state.future
-
-    def _release(self, _future: Future) -> None:
-        with self._admission:
-            self._in_flight -= 1

@@ -16,6 +16,14 @@ class Option(enum.Enum):
     TRUNCATE_LENGTH = "truncate_length"  # the length inputs are truncated to
 
 
+def quoted(value: str, limit: int = 64) -> str:
+    """`value` as a message quotes it: repr'd, and cut to `limit` characters (callers' values
+    can be megabytes long, and an error message travels in a size-limited header)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 class EngineError(Exception):
     """An error the caller can act on (as opposed to a bug)."""
 

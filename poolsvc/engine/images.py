@@ -6,7 +6,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from poolsvc.engine.errors import InvalidInputError, OverloadedError
+from poolsvc.engine.errors import InvalidInputError, OverloadedError, quoted
 
 # The MIME types that name the formats served.
 _MIME = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
@@ -51,7 +51,7 @@ def decode(image: ImageInput, index: int, max_bytes: int | None, max_pixels: int
     if image.mime_type:
         named = _MIME.get(image.mime_type.lower())
         if named is None:
-            raise InvalidInputError(f"input {index} has MIME type {image.mime_type!r}; "
+            raise InvalidInputError(f"input {index} has MIME type {quoted(image.mime_type)}; "
                                     "supported: image/png, image/jpeg, image/webp")
         if named != kind:
             raise InvalidInputError(f"input {index} is labelled {image.mime_type} but its bytes "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from poolsvc.engine.config import Limits
-from poolsvc.engine.errors import InvalidInputError, OverloadedError
+from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.images import ImageInput, decode
 from poolsvc.engine.params import Task
 from poolsvc.engine.request import PoolingRequest, Prompt
@@ -27,23 +27,6 @@ class ModelInputs:
     pixels: list[torch.Tensor | None] | None = None
 
 
-def check_limits(inputs: Seq, limits: Limits, count: int | None = None) -> None:
-    """Request-size limits, before any tokenizing. `count`: what the input limit counts (the
-    pairs of a score request), when not the inputs themselves."""
-    limit = limits.max_inputs_per_request
-    count = len(inputs) if count is None else count
-    if limit is not None and count > limit:
-        raise OverloadedError(f"the request has {count} inputs, more than the server's "
-                              f"limit of {limit} (--max-inputs-per-request): split it")
-    chars = limits.max_chars_per_input
-    if chars is None:
-        return
-    for i, x in enumerate(inputs):
-        if isinstance(x, str) and len(x) > chars:
-            raise OverloadedError(f"input {i} has {len(x)} characters, more than the "
-                                  f"server's limit of {chars} (--max-chars-per-input)")
-
-
 def model_inputs(model: ServedModel, request: PoolingRequest, limits: Limits,
                  auto_truncate: bool) -> ModelInputs:
     """What `model` sees for `request`: a cross-encoder's score encodes each pair together;
@@ -52,9 +35,10 @@ def model_inputs(model: ServedModel, request: PoolingRequest, limits: Limits,
     if request.task is Task.SCORE:
         pairs = request.pairs
         texts = [*request.inputs, *request.documents]
-        check_limits(texts, limits, len(pairs))
+        limits.check_inputs(len(pairs))
         if desc.scores_by_cosine:
             return _encode_each(model, texts, request, limits, auto_truncate)
+        limits.check_texts(texts)
         if not all(isinstance(t, str) for t in texts):
             raise InvalidInputError(f"cross-encoder {desc.name} scores text pairs: token-id "
                                     "inputs cannot be paired with the model's separators")
@@ -66,7 +50,7 @@ def model_inputs(model: ServedModel, request: PoolingRequest, limits: Limits,
                            [e.type_ids for e in encodings] if desc.uses_token_types else None)
     if not request.inputs:
         raise InvalidInputError("the request has no inputs; send at least one")
-    check_limits(request.inputs, limits)
+    limits.check_inputs(len(request.inputs))
     return _encode_each(model, request.inputs, request, limits, auto_truncate)
 
 
@@ -80,6 +64,8 @@ def _encode_each(model: ServedModel, inputs: Seq[Prompt], request: PoolingReques
     texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
     images = [(i, x) for i, x in enumerate(inputs) if isinstance(x, ImageInput)]
     prompt = request.prompt
+    prefix = tok.prompt_text(prompt)
+    limits.check_texts(inputs, prefix)
     for i, x in enumerate(inputs):
         if not isinstance(x, (str, ImageInput)):
             if prompt.name or prompt.text:
@@ -87,7 +73,6 @@ def _encode_each(model: ServedModel, inputs: Seq[Prompt], request: PoolingReques
                                         "inputs must already contain it")
             out[i] = tok.check_ids(x, i, limit, cut, truncation.side)
     if texts:
-        prefix = tok.prompt_text(prompt)
         index = [i for i, _ in texts]
         encodings = tok.encode([prefix + x for _, x in texts], limit, cut, truncation.side,
                                indices=index)

@@ -78,7 +78,17 @@ def load_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             "trust this model")
     state = {}
     for file in pickled:
-        state.update(torch.load(file, map_location="cpu", weights_only=True))
+        try:  # weights_only: tensors and plain containers; any other object is refused
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"{file}: the pickle holds more than tensors and was not loaded (only plain "
+                f"state dicts are unpickled, even with --allow-pickle-weights): {reason}. "
+                "Convert the weights to safetensors") from None
+        if not isinstance(loaded, dict):
+            raise ModelLoadError(f"{file} is not a state dict (a mapping of names to tensors)")
+        state.update(loaded)
     return state
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from poolsvc.engine.description import ModelDescription
 from poolsvc.engine.params import OutputDType, Task, Timing
 from poolsvc.engine.pooler import finish_rows
 from poolsvc.engine.request import now_ns
@@ -59,6 +60,27 @@ class EncodeOutput(Output):
     task: Task
     outputs: list[np.ndarray]       # per input: [rows, D] (per-token tasks) or [D]
     dtype: OutputDType
+
+
+_ITEM_BYTES = {OutputDType.FLOAT32: 4, OutputDType.FLOAT16: 2, OutputDType.BFLOAT16: 2}
+_OVERHEAD_PER_OUTPUT = 32  # a tensor's dtype, shape and framing, a usage entry
+
+
+def response_bytes(req: Request, model: ModelDescription) -> int:
+    """An upper bound of the output's size, known once the request is tokenized (before any of
+    it is computed): per-token tasks give a row per token (STEP: at most one per token)."""
+    options, task = req.options, req.call.task
+    if task is Task.SCORE:
+        return (4 + _OVERHEAD_PER_OUTPUT) * max(len(req.pairs), len(req.token_ids))
+    if task is Task.EMBED:
+        width = options.dimensions or model.embed_dimensions
+    elif task is Task.TOKEN_EMBED:
+        width = model.hidden_size
+    else:
+        width = len(options.returned_token_ids or ()) or model.num_labels
+    rows = sum(map(len, req.token_ids)) if options.method.per_token else len(req.token_ids)
+    return rows * width * _ITEM_BYTES[options.out_dtype] + \
+        _OVERHEAD_PER_OUTPUT * len(req.token_ids)
 
 
 def build_output(req: Request) -> Output:

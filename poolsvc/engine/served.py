@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,16 +98,28 @@ class ServedModel:
         return None
 
     def warm_up(self) -> None:
-        """A short and a longest input (an image, for image models) through every task's
-        pooling, so first requests do not pay for lazy initialization."""
+        """Every task's pooling once, so first requests do not pay for lazy initialization."""
+        for task in self.description.tasks:
+            request = self._sample(task)
+            seqs = request.sequences()
+            self.compute(seqs, self.prepare(seqs)).wait()
+
+    def time_one_batch(self) -> tuple[int, float]:
+        """(tokens, seconds) of one sample batch through the forward pass and pooling: a first
+        measure of the device's rate, before any traffic."""
+        request = self._sample(self.description.default_task)
+        seqs = request.sequences()
+        started = time.perf_counter()
+        self.compute(seqs, self.prepare(seqs)).wait()
+        return request.num_tokens, time.perf_counter() - started
+
+    def _sample(self, task: Task) -> Request:
+        """A short and a longest input (an image instead, for image models) for `task`."""
         model = self.description
         ids, pixels = [[0] * 8, [0] * model.max_input_tokens], None
         if "image" in model.modalities:
             from PIL import Image
             ids, pixels = [[0] * 8, []], [None, *self.preprocess([Image.new("RGB", (32, 32))])]
-        for task in model.tasks:
-            call = PoolingRequest(task, ("",), ("",) if task is Task.SCORE else ())
-            request = Request(call, self.name, options_for(call, model), ids, pixels=pixels,
-                              image_tokens=model.image_tokens)
-            seqs = request.sequences()
-            self.compute(seqs, self.prepare(seqs)).wait()
+        call = PoolingRequest(task, ("",), ("",) if task is Task.SCORE else ())
+        return Request(call, self.name, options_for(call, model), ids, pixels=pixels,
+                       image_tokens=model.image_tokens)

@@ -55,6 +55,12 @@ class Request:
     def deadline_ns(self) -> int | None:
         return self.call.deadline_ns
 
+    @property
+    def num_tokens(self) -> int:
+        """What the request costs in batch token budgets: its tokens, images at their cost."""
+        images = 0 if self.pixels is None else sum(p is not None for p in self.pixels)
+        return sum(map(len, self.token_ids)) + images * self.image_tokens
+
     def chunked(self, i: int) -> bool:
         """Whether input `i` runs as several chunks (chunked processing of long inputs)."""
         return self.chunk_size is not None and len(self.token_ids[i]) > self.chunk_size

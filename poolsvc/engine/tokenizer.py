@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer, normalizers
 
-from poolsvc.engine.errors import InvalidInputError, ModelLoadError, Option
+from poolsvc.engine.errors import InvalidInputError, ModelLoadError, Option, quoted
 from poolsvc.engine.params import PromptOptions, TruncationSide
 
 _SIDE = {TruncationSide.RIGHT: "right", TruncationSide.LEFT: "left"}
@@ -66,7 +66,7 @@ class TextTokenizer:
         except KeyError:
             known = ", ".join(sorted(self.prompts)) or "none"
             raise InvalidInputError(
-                f"unknown prompt_name {name!r}; this model's prompts: {known}") from None
+                f"unknown prompt_name {quoted(name)}; this model's prompts: {known}") from None
 
     def _truncating_tokenizer(self, limit: int, side: TruncationSide) -> Tokenizer:
         key = (limit, _SIDE[side])

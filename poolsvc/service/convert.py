@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
+from poolsvc.engine.config import Limits
 from poolsvc.engine.errors import InvalidInputError, UnsupportedError
 from poolsvc.engine.images import ImageInput
 from poolsvc.engine.params import (
@@ -54,7 +55,11 @@ _SIDES = {
 }
 
 
-def inputs(messages, name: str = "input") -> tuple[Prompt, ...]:
+def inputs(messages, limits: Limits, name: str = "input") -> tuple[Prompt, ...]:
+    """The engine's inputs; their number and the number of token ids are checked before any
+    is converted (a token id is a Python int once converted: the limits bound that memory)."""
+    limits.check_inputs(len(messages))
+    limits.check_token_ids([len(m.tokens.ids) for m in messages if m.HasField("tokens")])
     out: list[Prompt] = []
     for i, msg in enumerate(messages):
         kind = msg.WhichOneof("content")
@@ -101,40 +106,41 @@ def _optional(request, name: str):
 
 # --- one function per request message: proto -> the engine's PoolingRequest -----------------
 
-def embed_request(msg: embed_pb2.EmbedRequest, when: When) -> PoolingRequest:
+def embed_request(msg: embed_pb2.EmbedRequest, when: When, limits: Limits) -> PoolingRequest:
     params = PoolingParams(normalize=_optional(msg, "normalize"),
                            dimensions=_optional(msg, "dimensions"),
                            out_dtype=output_dtype(msg.output_dtype))
-    return PoolingRequest(Task.EMBED, inputs(msg.inputs), model=msg.model, params=params,
+    return PoolingRequest(Task.EMBED, inputs(msg.inputs, limits), model=msg.model, params=params,
                           truncation=truncation(msg), prompt=prompt(msg), **when)
 
 
-def classify_request(msg: classify_pb2.ClassifyRequest, when: When) -> PoolingRequest:
+def classify_request(msg: classify_pb2.ClassifyRequest, when: When,
+                     limits: Limits) -> PoolingRequest:
     params = PoolingParams(activation=_optional(msg, "activation"),
                            out_dtype=output_dtype(msg.output_dtype))
-    return PoolingRequest(Task.CLASSIFY, inputs(msg.inputs), model=msg.model, params=params,
+    return PoolingRequest(Task.CLASSIFY, inputs(msg.inputs, limits), model=msg.model, params=params,
                           truncation=truncation(msg), prompt=prompt(msg), **when)
 
 
-def score_request(msg: score_pb2.ScoreRequest, when: When) -> PoolingRequest:
-    return PoolingRequest(Task.SCORE, inputs(msg.queries, "query"),
-                          inputs(msg.documents, "document"), model=msg.model,
+def score_request(msg: score_pb2.ScoreRequest, when: When, limits: Limits) -> PoolingRequest:
+    return PoolingRequest(Task.SCORE, inputs(msg.queries, limits, "query"),
+                          inputs(msg.documents, limits, "document"), model=msg.model,
                           params=PoolingParams(activation=_optional(msg, "activation")),
                           truncation=truncation(msg), **when)
 
 
-def rerank_request(msg: score_pb2.RerankRequest, when: When) -> PoolingRequest:
+def rerank_request(msg: score_pb2.RerankRequest, when: When, limits: Limits) -> PoolingRequest:
     if not msg.HasField("query"):
         raise InvalidInputError("rerank needs a query")
     if not msg.documents:
         raise InvalidInputError("rerank needs at least one document")
-    return PoolingRequest(Task.SCORE, inputs([msg.query], "query"),
-                          inputs(msg.documents, "document"), model=msg.model,
+    return PoolingRequest(Task.SCORE, inputs([msg.query], limits, "query"),
+                          inputs(msg.documents, limits, "document"), model=msg.model,
                           params=PoolingParams(activation=_optional(msg, "activation")),
                           truncation=truncation(msg), **when)
 
 
-def encode_request(msg: encode_pb2.EncodeRequest, when: When,
+def encode_request(msg: encode_pb2.EncodeRequest, when: When, limits: Limits,
                    default_task: Task) -> PoolingRequest:
     """`default_task`: what the model runs for a request that names no task."""
     task = _task(msg.task) or default_task
@@ -143,7 +149,7 @@ def encode_request(msg: encode_pb2.EncodeRequest, when: When,
     params = PoolingParams(normalize=_optional(msg, "normalize"),
                            activation=_optional(msg, "activation"),
                            out_dtype=output_dtype(msg.output_dtype))
-    return PoolingRequest(task, inputs(msg.inputs), model=msg.model, params=params,
+    return PoolingRequest(task, inputs(msg.inputs, limits), model=msg.model, params=params,
                           truncation=truncation(msg), prompt=prompt(msg), raw=True, **when)
 
 

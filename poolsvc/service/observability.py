@@ -70,42 +70,78 @@ class Metrics:
         self.request_seconds.labels(rpc).observe(seconds)
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` of them: further connections are
+    closed at once rather than given a thread each."""
+
+    daemon_threads = True
+    max_connections = 16
+    request_queue_size = 128  # the listen backlog: connections are refused past it
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class ProbeServer:
     """/metrics for Prometheus, /healthz (alive) and /readyz (models loaded, not draining) for
-    HTTP health checks (load balancers, haproxy, plain Kubernetes httpGet probes)."""
+    HTTP health checks (load balancers, haproxy, plain Kubernetes httpGet probes). GET and HEAD;
+    at most 16 connections at once, each given 5 s to send its request."""
 
     def __init__(self, host: str, port: int, metrics: Metrics, ready):
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
+            server_version = "poolsvc"  # not the Python version http.server shows by default
+            sys_version = ""
+            timeout = 5  # seconds a connection may take to send its request
+
+            def do_GET(self, body: bool = True):  # noqa: N802 (http.server's name)
                 path = self.path.split("?")[0]
                 if path == "/metrics":
-                    outer._send(self, 200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                    outer._send(self, 200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST,
+                                body=body)
                 elif path == "/healthz":
-                    outer._send(self, 200, b"ok\n")
+                    outer._send(self, 200, b"ok\n", body=body)
                 elif path == "/readyz":
                     ok = ready()
-                    outer._send(self, 200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                    outer._send(self, 200 if ok else 503, b"ready\n" if ok else b"not ready\n",
+                                body=body)
                 else:
-                    outer._send(self, 404, b"not found: /metrics, /healthz, /readyz\n")
+                    outer._send(self, 404, b"not found: /metrics, /healthz, /readyz\n", body=body)
+
+            def do_HEAD(self):  # noqa: N802
+                self.do_GET(body=False)
 
             def log_message(self, *args):  # probes every few seconds: keep the log quiet
                 pass
 
-        self._http = ThreadingHTTPServer((host, port), Handler)
-        self._http.daemon_threads = True
+        self._http = _BoundedHTTPServer((host, port), Handler)
         self.port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, name="poolsvc-probes",
                                         daemon=True)
 
     @staticmethod
-    def _send(handler, code: int, body: bytes, content_type: str = "text/plain") -> None:
+    def _send(handler, code: int, payload: bytes, content_type: str = "text/plain",
+              body: bool = True) -> None:
         handler.send_response(code)
         handler.send_header("Content-Type", content_type)
-        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Content-Length", str(len(payload)))
         handler.end_headers()
-        handler.wfile.write(body)
+        if body:
+            handler.wfile.write(payload)
 
     def start(self) -> None:
         self._thread.start()

@@ -16,31 +16,16 @@ from grpc_health.v1._async import HealthServicer
 from poolsvc.config import ServerConfig
 from poolsvc.engine.engine import Engine
 from poolsvc.engine.params import Task
-from poolsvc.gen.v1 import (
-    classify_pb2,
-    classify_pb2_grpc,
-    embed_pb2,
-    embed_pb2_grpc,
-    encode_pb2,
-    encode_pb2_grpc,
-    model_pb2,
-    model_pb2_grpc,
-    score_pb2,
-    score_pb2_grpc,
-)
+from poolsvc.gen.v1 import classify_pb2, embed_pb2, encode_pb2, model_pb2, score_pb2
 from poolsvc.service import reflection
+from poolsvc.service.handlers import generic_handler
 from poolsvc.service.observability import Metrics, ProbeServer
 from poolsvc.service.security import BearerTokenInterceptor, server_credentials
-from poolsvc.service.servicers import (
-    ClassifyServicer,
-    EmbedServicer,
-    EncodeServicer,
-    ModelServicer,
-    ScoreServicer,
-)
+from poolsvc.service.servicers import SERVICERS
 
 log = logging.getLogger(__name__)
 
+_TRANSPORT_MARGIN = 1 << 20
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -72,19 +57,20 @@ class PoolServer:
         self.serving = False
         limit = config.max_message_bytes
         key = config.read_api_key()
+        # gRPC itself takes messages a little over the limit, so that a stream item over it
+        # gets its own error answer instead of ending the stream (the servicers check it).
+        transport_limit = limit + _TRANSPORT_MARGIN
         self.server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(key)] if key else [],
-            options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", limit),
+            options=[("grpc.max_receive_message_length", transport_limit),
+                     ("grpc.max_send_message_length", transport_limit),
                      ("grpc.so_reuseport", 0)])
-        args = (self.engine, self.pool, config.max_stream_inflight, self.metrics)
-        embed_pb2_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(*args), self.server)
-        classify_pb2_grpc.add_ClassifyServiceServicer_to_server(ClassifyServicer(*args),
-                                                                self.server)
-        score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(*args), self.server)
-        encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(*args), self.server)
-        model_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.engine, self.pool, self.metrics), self.server)
+        for module in (embed_pb2, classify_pb2, score_pb2, encode_pb2, model_pb2):
+            for service in module.DESCRIPTOR.services_by_name.values():
+                servicer = SERVICERS[service.full_name](
+                    self.engine, self.pool, self.metrics, stream_limit=config.max_stream_inflight,
+                    max_message_bytes=limit)
+                self.server.add_generic_rpc_handlers((generic_handler(servicer, service),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable(self.server, (*SERVICE_TASKS, health_name))

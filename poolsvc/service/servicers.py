@@ -1,4 +1,6 @@
-"""The gRPC servicers: decode a request, hand it to the engine off the event loop, encode."""
+"""The gRPC servicers. Each call is admitted on the event loop before anything is done with it;
+then, in the worker pool, its bytes are decoded, converted to the engine's PoolingRequest and
+tokenized; the loop only awaits the engine's answer and encodes the response."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import traceback
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
@@ -15,25 +18,16 @@ import grpc
 
 from poolsvc.engine.description import ModelDescription
 from poolsvc.engine.params import PoolingType
-from poolsvc.engine.request import PoolingRequest, now_ns
-from poolsvc.gen.v1 import (
-    classify_pb2,
-    classify_pb2_grpc,
-    common_pb2,
-    embed_pb2,
-    embed_pb2_grpc,
-    encode_pb2,
-    encode_pb2_grpc,
-    model_pb2,
-    model_pb2_grpc,
-    score_pb2,
-    score_pb2_grpc,
-)
+from poolsvc.engine.request import now_ns
+from poolsvc.gen.v1 import classify_pb2, common_pb2, embed_pb2, encode_pb2, model_pb2, score_pb2
 from poolsvc.service import convert
+from poolsvc.service.handlers import check_size, decode
 from poolsvc.service.observability import Metrics, rpc_span
 from poolsvc.service.status import status_of
+from poolsvc.service.streams import serve_stream
 
-if TYPE_CHECKING:  # the engine pulls in torch; the service layer needs only its type
+if TYPE_CHECKING:  # the engine pulls in torch; the service layer needs only its types
+    from poolsvc.engine.admission import Ticket
     from poolsvc.engine.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -46,12 +40,12 @@ def unary(method):
     table, the response's timing in trailing metadata, and the RPC's metrics."""
 
     @functools.wraps(method)
-    async def handler(self, request, context: grpc.aio.ServicerContext):
+    async def handler(self, raw: bytes, context: grpc.aio.ServicerContext):
         rpc = f"{self.SERVICE}/{method.__name__}"
         started, code = time.perf_counter(), "OK"
         with rpc_span(rpc, context.invocation_metadata()):
             try:
-                response = await method(self, request, context)
+                response = await method(self, raw, context)
                 if "timing" in response.DESCRIPTOR.fields_by_name and response.HasField("timing"):
                     self.metrics.on_timing(response.timing)
                     context.set_trailing_metadata(_timing_metadata(response.timing))
@@ -74,61 +68,6 @@ def _timing_metadata(timing) -> tuple[tuple[str, str], ...]:
                  for name in ("queue_ns", "tokenization_ns", "inference_ns", "total_ns"))
 
 
-async def serve_stream(requests: AsyncIterator, handle: Callable[[object], Awaitable[object]],
-                       respond: Callable, limit: int,
-                       record: Callable[[str, float, object], None]) -> AsyncIterator:
-    """Runs every request of a bidirectional stream concurrently and yields responses as they
-    finish. At most `limit` are in flight: past that the stream is not read, so gRPC flow control
-    pushes back on the client. A failed request yields an error response; the stream goes on.
-    `record(code, seconds, response or None)` is told of each request's outcome."""
-    done: asyncio.Queue = asyncio.Queue()
-    slots = asyncio.Semaphore(limit)
-    tasks: set[asyncio.Task] = set()
-    finished = object()
-
-    async def one(item):
-        started = time.perf_counter()
-        try:
-            result = await handle(item.request)
-            response = respond(id=item.id, response=result)
-            record("OK", time.perf_counter() - started, result)
-        except Exception as exc:
-            code, message = status_of(exc)
-            error = common_pb2.StreamError(code=code.value[0], message=message)
-            response = respond(id=item.id, error=error)
-            record(code.name, time.perf_counter() - started, None)
-        slots.release()
-        await done.put(response)
-
-    async def read():
-        async for item in requests:
-            await slots.acquire()
-            task = asyncio.create_task(one(item))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        while tasks:
-            await asyncio.gather(*tasks)
-        await done.put(finished)
-
-    reader = asyncio.create_task(read())
-    try:
-        while True:
-            getter = asyncio.ensure_future(done.get())
-            await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():  # the reader failed before finishing: re-raise its error
-                getter.cancel()
-                reader.result()
-                continue
-            response = getter.result()
-            if response is finished:
-                return
-            yield response
-    finally:
-        reader.cancel()
-        for task in list(tasks):
-            task.cancel()
-
-
 def _when(context: grpc.aio.ServicerContext) -> convert.When:
     """The call's arrival, and its deadline if the client set one (work still queued when it
     passes is dropped, not computed)."""
@@ -138,14 +77,59 @@ def _when(context: grpc.aio.ServicerContext) -> convert.When:
                         else arrival + int(remaining * 1e9))
 
 
-class _EngineServicer:
+class _Servicer:
     SERVICE = ""
 
-    def __init__(self, engine: Engine, pool: Executor, stream_limit: int, metrics: Metrics):
-        self.engine, self.pool, self.stream_limit = engine, pool, stream_limit
-        self.metrics = metrics
+    def __init__(self, engine: Engine, pool: Executor, metrics: Metrics, *,
+                 stream_limit: int, max_message_bytes: int):
+        self.engine, self.pool, self.metrics = engine, pool, metrics
+        self.stream_limit, self.max_message_bytes = stream_limit, max_message_bytes
 
-    def _stream(self, method: str, requests, context, handle, response_type) -> AsyncIterator:
+    async def _in_pool(self, work: Callable, raw: bytes):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, _detached, work, raw)
+
+    async def _run(self, raw: bytes, message_type, to_request: Callable, context):
+        """Admits the call, then decodes, converts and submits it in the pool; returns the
+        decoded message and the engine's output. A caller that leaves (cancels, or its deadline
+        passes) cancels the engine's work, even while the request is still being tokenized."""
+        when = _when(context)
+        check_size(raw, self.max_message_bytes)
+        ticket = self.engine.admit(when["deadline_ns"])
+        submitted = self.pool.submit(self._submit, raw, message_type, to_request, when, ticket)
+        try:
+            message, future = await asyncio.wrap_future(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(functools.partial(self._abandon, ticket))
+            raise
+        return message, await asyncio.wrap_future(future)
+
+    def _submit(self, raw: bytes, message_type, to_request: Callable, when: convert.When,
+                ticket: Ticket):
+        try:
+            return self._decode_and_submit(raw, message_type, to_request, when, ticket)
+        except BaseException as exc:
+            self.engine.release(ticket)
+            # An error can outlive its call (gRPC holds on to it a while): free the request
+            # its frames refer to now, not when the error goes.
+            traceback.clear_frames(exc.__traceback__)
+            del raw
+            raise
+
+    def _decode_and_submit(self, raw: bytes, message_type, to_request: Callable,
+                           when: convert.When, ticket: Ticket):
+        message = decode(raw, message_type, self.max_message_bytes)
+        request = to_request(message, when, self.engine.limits)
+        return message, self.engine.submit(request, ticket)
+
+    def _abandon(self, ticket: Ticket, submitted: concurrent.futures.Future) -> None:
+        """The caller left while its request was in the pool: cancel what it produced."""
+        if submitted.cancelled():  # never started
+            self.engine.release(ticket)
+        elif submitted.exception() is None:
+            submitted.result()[1].cancel()
+
+    def _stream(self, method: str, requests: AsyncIterator[bytes], context, handle,
+                response_type) -> AsyncIterator:
         rpc = f"{self.SERVICE}/{method}"
 
         def record(code: str, seconds: float, response) -> None:
@@ -156,126 +140,164 @@ class _EngineServicer:
         return serve_stream(requests, functools.partial(handle, context=context), response_type,
                             self.stream_limit, record)
 
-    async def _submit(self, request: PoolingRequest):
-        """Tokenizes in the pool (off the event loop), then awaits the engine's output. A caller
-        that leaves (cancels, or its deadline passes) cancels the engine's work, even when it
-        leaves while the request is still being tokenized and admitted."""
-        submitted = self.pool.submit(self.engine.submit, request)
+    async def _answer_stream(self, method: str, requests, context, handle, response_type):
+        """Yields a stream's answers; if the stream itself fails, its status (the answers
+        already computed have been sent)."""
         try:
-            future = await asyncio.wrap_future(submitted)
-        except asyncio.CancelledError:
-            submitted.add_done_callback(_cancel_admitted)
-            raise
-        return await asyncio.wrap_future(future)
+            async for response in self._stream(method, requests, context, handle, response_type):
+                yield response
+        except Exception as exc:
+            await context.abort(*status_of(exc))
 
 
-def _cancel_admitted(submitted: concurrent.futures.Future) -> None:
-    """Cancels the engine future a cancelled caller's submit produced, if it produced one."""
-    if not submitted.cancelled() and submitted.exception() is None:
-        submitted.result().cancel()
-
-
-class EmbedServicer(_EngineServicer, embed_pb2_grpc.EmbedServiceServicer):
+class EmbedServicer(_Servicer):
     SERVICE = "poolsvc.v1.EmbedService"
 
-    async def _embed(self, request: embed_pb2.EmbedRequest, context) -> embed_pb2.EmbedResponse:
-        out = await self._submit(convert.embed_request(request, _when(context)))
+    async def _embed(self, raw: bytes, context, message_type=embed_pb2.EmbedRequest,
+                     unwrap=None) -> embed_pb2.EmbedResponse:
+        _, out = await self._run(raw, message_type, _unwrapped(convert.embed_request, unwrap),
+                                 context)
         return convert.embed_response(out)
 
     @unary
-    async def Embed(self, request, context):
-        return await self._embed(request, context)
+    async def Embed(self, raw, context):
+        return await self._embed(raw, context)
 
-    async def EmbedStream(self, request_iterator, context):
-        async for response in self._stream("EmbedStream", request_iterator, context,
-                                           self._embed,
-                                           embed_pb2.EmbedStreamResponse):
+    async def EmbedStream(self, requests, context):
+        handle = functools.partial(self._embed, message_type=embed_pb2.EmbedStreamRequest,
+                                   unwrap=True)
+        answers = self._answer_stream("EmbedStream", requests, context, handle,
+                                      embed_pb2.EmbedStreamResponse)
+        async for response in answers:
             yield response
 
 
-class ClassifyServicer(_EngineServicer, classify_pb2_grpc.ClassifyServiceServicer):
+class ClassifyServicer(_Servicer):
     SERVICE = "poolsvc.v1.ClassifyService"
 
-    async def _classify(self, request: classify_pb2.ClassifyRequest, context):
-        out = await self._submit(convert.classify_request(request, _when(context)))
+    async def _classify(self, raw: bytes, context, message_type=classify_pb2.ClassifyRequest,
+                        unwrap=None):
+        _, out = await self._run(raw, message_type,
+                                 _unwrapped(convert.classify_request, unwrap), context)
         return convert.classify_response(out)
 
     @unary
-    async def Classify(self, request, context):
-        return await self._classify(request, context)
+    async def Classify(self, raw, context):
+        return await self._classify(raw, context)
 
-    async def ClassifyStream(self, request_iterator, context):
-        async for response in self._stream("ClassifyStream", request_iterator, context,
-                                           self._classify,
-                                           classify_pb2.ClassifyStreamResponse):
+    async def ClassifyStream(self, requests, context):
+        handle = functools.partial(self._classify,
+                                   message_type=classify_pb2.ClassifyStreamRequest, unwrap=True)
+        answers = self._answer_stream("ClassifyStream", requests, context, handle,
+                                      classify_pb2.ClassifyStreamResponse)
+        async for response in answers:
             yield response
 
 
-class ScoreServicer(_EngineServicer, score_pb2_grpc.ScoreServiceServicer):
+class ScoreServicer(_Servicer):
     SERVICE = "poolsvc.v1.ScoreService"
 
-    async def _score(self, request: score_pb2.ScoreRequest, context):
-        out = await self._submit(convert.score_request(request, _when(context)))
+    async def _score(self, raw: bytes, context, message_type=score_pb2.ScoreRequest,
+                     unwrap=None):
+        _, out = await self._run(raw, message_type, _unwrapped(convert.score_request, unwrap),
+                                 context)
         return convert.score_response(out)
 
     @unary
-    async def Score(self, request, context):
-        return await self._score(request, context)
+    async def Score(self, raw, context):
+        return await self._score(raw, context)
 
-    async def ScoreStream(self, request_iterator, context):
-        async for response in self._stream("ScoreStream", request_iterator, context,
-                                           self._score,
-                                           score_pb2.ScoreStreamResponse):
+    async def ScoreStream(self, requests, context):
+        handle = functools.partial(self._score, message_type=score_pb2.ScoreStreamRequest,
+                                   unwrap=True)
+        answers = self._answer_stream("ScoreStream", requests, context, handle,
+                                      score_pb2.ScoreStreamResponse)
+        async for response in answers:
             yield response
 
     @unary
-    async def Rerank(self, request, context):
-        out = await self._submit(convert.rerank_request(request, _when(context)))
+    async def Rerank(self, raw, context):
+        request, out = await self._run(raw, score_pb2.RerankRequest, convert.rerank_request,
+                                       context)
         return convert.rerank_response(out, request.documents, request.top_n,
                                        request.return_documents)
 
 
-class EncodeServicer(_EngineServicer, encode_pb2_grpc.EncodeServiceServicer):
+class EncodeServicer(_Servicer):
     SERVICE = "poolsvc.v1.EncodeService"
 
-    async def _encode(self, request: encode_pb2.EncodeRequest, context):
-        default_task = self.engine.model(request.model).default_task
-        out = await self._submit(convert.encode_request(request, _when(context), default_task))
+    async def _encode(self, raw: bytes, context, message_type=encode_pb2.EncodeRequest,
+                      unwrap=None):
+        def to_request(message, when, limits):
+            default_task = self.engine.model(message.model).default_task
+            return convert.encode_request(message, when, limits, default_task)
+
+        _, out = await self._run(raw, message_type, _unwrapped(to_request, unwrap), context)
         return convert.encode_response(out)
 
     @unary
-    async def Encode(self, request, context):
-        return await self._encode(request, context)
+    async def Encode(self, raw, context):
+        return await self._encode(raw, context)
 
-    async def EncodeStream(self, request_iterator, context):
-        async for response in self._stream("EncodeStream", request_iterator, context,
-                                           self._encode,
-                                           encode_pb2.EncodeStreamResponse):
+    async def EncodeStream(self, requests, context):
+        handle = functools.partial(self._encode, message_type=encode_pb2.EncodeStreamRequest,
+                                   unwrap=True)
+        answers = self._answer_stream("EncodeStream", requests, context, handle,
+                                      encode_pb2.EncodeStreamResponse)
+        async for response in answers:
             yield response
 
 
-class ModelServicer(model_pb2_grpc.ModelServiceServicer):
+def _detached(work: Callable, raw: bytes):
+    """work(raw), whose errors keep no request alive (see _Servicer._submit)."""
+    try:
+        return work(raw)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        del raw
+        raise
+
+
+def _unwrapped(to_request: Callable, unwrap: bool | None) -> Callable:
+    """`to_request` for a stream item's `request`, or for the message itself."""
+    if not unwrap:
+        return to_request
+    return lambda item, when, limits: to_request(item.request, when, limits)
+
+
+class ModelServicer(_Servicer):
     SERVICE = "poolsvc.v1.ModelService"
 
-    def __init__(self, engine: Engine, pool: Executor, metrics: Metrics):
-        self.engine, self.pool, self.metrics = engine, pool, metrics
-
     @unary
-    async def ListModels(self, request, context):
+    async def ListModels(self, raw, context):
+        await self._in_pool(self._decoder(model_pb2.ListModelsRequest), raw)
         return model_pb2.ListModelsResponse(models=[model_info(m) for m in self.engine.describe()])
 
     @unary
-    async def GetModelInfo(self, request, context):
+    async def GetModelInfo(self, raw, context):
+        request = await self._in_pool(self._decoder(model_pb2.GetModelInfoRequest), raw)
         return model_pb2.GetModelInfoResponse(info=model_info(self.engine.model(request.model)))
 
     @unary
-    async def Tokenize(self, request, context):
-        call = functools.partial(
-            self.engine.tokenize, request.model, list(request.texts), convert.truncation(request),
+    async def Tokenize(self, raw, context):
+        check_size(raw, self.max_message_bytes)
+        ticket = self.engine.admit()
+        try:
+            return await self._in_pool(self._tokenize, raw)
+        finally:
+            self.engine.release(ticket)
+
+    def _decoder(self, message_type) -> Callable[[bytes], object]:
+        return functools.partial(decode, message_type=message_type,
+                                 max_bytes=self.max_message_bytes)
+
+    def _tokenize(self, raw: bytes) -> model_pb2.TokenizeResponse:
+        request = decode(raw, model_pb2.TokenizeRequest, self.max_message_bytes)
+        model, encodings = self.engine.tokenize(
+            request.model, list(request.texts), convert.truncation(request),
             convert.prompt(request),
             request.add_special_tokens if request.HasField("add_special_tokens") else True,
             request.return_offsets)
-        model, encodings = await asyncio.get_running_loop().run_in_executor(self.pool, call)
         results = []
         for enc in encodings:
             item = model_pb2.TokenizedText(ids=enc.ids)
@@ -301,3 +323,9 @@ def model_info(model: ModelDescription) -> model_pb2.ModelInfo:
         labels=model.labels,
         modalities=[common_pb2.Modality.Value(f"MODALITY_{m.upper()}") for m in model.modalities],
         architecture=model.architecture, implementation=model.implementation)
+
+
+# Every poolsvc servicer, by the name of the service it implements.
+SERVICERS: dict[str, type[_Servicer]] = {
+    cls.SERVICE: cls for cls in (EmbedServicer, ClassifyServicer, ScoreServicer, EncodeServicer,
+                                 ModelServicer)}

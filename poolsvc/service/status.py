@@ -30,6 +30,8 @@ STATUS_OF_ERROR: dict[type[Exception], grpc.StatusCode] = {
 }
 
 
+# The longest status message sent (gRPC carries it in a header; the default limit is 8 KiB).
+MAX_MESSAGE = 1024
 # How the request messages spell the options an error points to.
 GRPC_SPELLING = {
     Option.TRUNCATE: "truncation.enabled=true",
@@ -43,6 +45,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     for cls in type(exc).__mro__:
         if cls in STATUS_OF_ERROR:
             message = exc.spelled(GRPC_SPELLING) if isinstance(exc, EngineError) else str(exc)
+            if len(message) > MAX_MESSAGE:  # a status travels in a size-limited header
+                message = message[:MAX_MESSAGE - 3] + "..."
             return STATUS_OF_ERROR[cls], message
     incident = uuid.uuid4().hex[:12]
     log.error("internal error %s", incident, exc_info=exc)
