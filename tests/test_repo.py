@@ -85,3 +85,14 @@ def test_kubernetes_manifests():
         assert container["resources"]["requests"]["cpu"]
     gpu = docs["deployment-gpu.yaml"]["spec"]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_benchmark_data_is_in_the_repository():
+    """bench/ runs on a fresh clone: its corpus is committed, nothing points outside the repo."""
+    for name, count in (("queries", 5276), ("passages", 323)):
+        lines = (ROOT / "bench" / "data" / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines) == count, name
+    tracked = run("git", "ls-files").stdout.split()
+    outside = [p for p in tracked if (ROOT / p).suffix in {".py", ".md", ".sh", ".js", ".yaml"}
+               and re.search(r"\.\./shared|/work/\w*shared", (ROOT / p).read_text())]
+    assert outside == []
