@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 BIN = Path(sys.executable).parent
@@ -96,3 +97,31 @@ def test_benchmark_data_is_in_the_repository():
     outside = [p for p in tracked if (ROOT / p).suffix in {".py", ".md", ".sh", ".js", ".yaml"}
                and re.search(r"\.\./shared|/work/\w*shared", (ROOT / p).read_text())]
     assert outside == []
+
+
+def test_runtime_imports_are_declared_dependencies():
+    """Every third-party module the server package imports comes from a distribution that
+    pyproject.toml declares (runtime, or the optional extra that uses it)."""
+    import ast
+    import importlib.metadata
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower().replace("_", "-")
+                for d in [*project["dependencies"],
+                          *(d for extra in ("gpu", "tracing")
+                            for d in project["optional-dependencies"][extra])]}
+    modules = set()
+    for path in [*(ROOT / "poolsvc").rglob("*.py"), *(ROOT / "kernels").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    owners = importlib.metadata.packages_distributions()
+    undeclared = {}
+    for module in sorted(modules - set(sys.stdlib_module_names) - {"poolsvc", "poolsvc_kernels"}):
+        dists = {d.lower().replace("_", "-") for d in owners.get(module, [])}
+        if not dists & declared:
+            undeclared[module] = sorted(dists)
+    assert undeclared == {}, "imported but not declared in pyproject.toml"
