@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -70,6 +72,7 @@ class PoolServer:
                                        thread_name_prefix="poolsvc-tokenize")
         self.health = HealthServicer()
         self.serving = False
+        _check_port_free(config.host, config.port)
         limit = config.max_message_bytes
         key = config.read_api_key()
         self.server = grpc.aio.server(
@@ -89,14 +92,23 @@ class PoolServer:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable(self.server, (*SERVICE_TASKS, health_name))
         credentials = server_credentials(config)
-        if credentials is None:
-            self.port = self.server.add_insecure_port(config.address)
-        else:
-            self.port = self.server.add_secure_port(config.address, credentials)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(config.address)
+            else:
+                self.port = self.server.add_secure_port(config.address, credentials)
+        except RuntimeError:  # gRPC's own message only says "set GRPC_VERBOSITY=debug"
+            raise ListenError(f"cannot listen on {config.address}: the port is taken or the "
+                              "address is not this machine's; check --host and --port") from None
         self.probes = None
         if config.metrics_port:
-            self.probes = ProbeServer(config.host, config.metrics_port, self.metrics,
-                                      ready=lambda: self.serving)
+            try:
+                self.probes = ProbeServer(config.host, config.metrics_port, self.metrics,
+                                          ready=lambda: self.serving)
+            except OSError as exc:
+                raise ListenError(f"cannot serve metrics on {config.host}:{config.metrics_port}: "
+                                  f"{exc.strerror}; choose another port with --metrics-port "
+                                  "(0: off)") from None
 
     async def start(self) -> None:
         """Listens at once (health NOT_SERVING, model calls UNAVAILABLE), then loads the models."""
@@ -130,6 +142,36 @@ class PoolServer:
         if self.probes is not None:
             self.probes.stop()
         log.info("poolsvc stopped")
+
+
+class ListenError(RuntimeError):
+    """The gRPC address cannot be listened on; the message names the flag to change."""
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Binds the port once ourselves, the way gRPC will (SO_REUSEADDR, no SO_REUSEPORT), so that a
+    taken port is reported in one line naming --port rather than as gRPC core's log line."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}: {exc.strerror}; check --host") from None
+    failures = []
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+                return  # gRPC listens if any resolved address binds
+            except OSError as exc:
+                failures.append(exc)
+    if any(exc.errno == errno.EADDRINUSE for exc in failures):
+        raise ListenError(f"port {port} on {host} is already in use (another poolsvc?): stop that "
+                          "process or choose another port with --port")
+    reason = failures[0].strerror if failures else "no address"
+    raise ListenError(f"cannot listen on {host}:{port}: {reason}; check --host and --port")
 
 
 async def _in_daemon_thread(fn) -> None:
