@@ -124,9 +124,10 @@ def test_unservable_model_exits_nonzero_with_the_reason(args, message):
 
 
 def test_bad_flags_are_usage_errors():
-    done = subprocess.run([sys.executable, "-m", "poolsvc", "serve", "--max-batch-tokens", "0"],
+    serve = [sys.executable, "-m", "poolsvc", "serve", "--port", "0"]  # never a fixed port
+    done = subprocess.run([*serve, "--max-batch-tokens", "0"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--max-batch-tokens must be at least 1" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "poolsvc", "serve", "--max-batch-tokens", "100"],
+    done = subprocess.run([*serve, "--max-batch-tokens", "100"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "below all-MiniLM-L6-v2's 256-token input limit" in done.stderr

@@ -125,3 +125,35 @@ def test_runtime_imports_are_declared_dependencies():
         if not dists & declared:
             undeclared[module] = sorted(dists)
     assert undeclared == {}, "imported but not declared in pyproject.toml"
+
+
+def test_no_test_listens_on_a_fixed_port():
+    """A server started by a test or the benchmark always gets `--port 0` (or a port a test has
+    just found free), never the default 50051, which the README's own server may hold."""
+    import ast
+
+    def constant(node):
+        return node.value if isinstance(node, ast.Constant) else None
+
+    offenders = []
+    for path in [*(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        parsing = {id(arg) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                   and isinstance(node.func, ast.Attribute) and node.func.attr == "parse_args"
+                   for arg in node.args}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "PoolServer":
+                config = node.args[0]
+                ports = [k.value for k in getattr(config, "keywords", ()) if k.arg == "port"]
+                if not ports or constant(ports[0]) not in (0, None):
+                    offenders.append(f"{path.name}:{node.lineno}")
+            elements = (node.elts if isinstance(node, (ast.List, ast.Tuple)) else
+                        node.args if isinstance(node, ast.Call) else [])
+            values = [constant(e) for e in elements]
+            command = isinstance(node, ast.Call) or any(  # not, say, a list of README commands
+                isinstance(e, ast.Starred) or str(constant(e)).startswith("--") for e in elements)
+            if "serve" in values and command and id(node) not in parsing:
+                at = values.index("--port") if "--port" in values else None
+                if at is None or at + 1 >= len(values) or values[at + 1] not in ("0", None):
+                    offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
