@@ -25,8 +25,11 @@ def run(*cmd: str) -> subprocess.CompletedProcess:
 
 
 def test_generated_stubs_match_the_protos():
+    """Both copies: the server's poolsvc/gen/ and the Python client's poolsvc_client/gen/."""
     done = run(sys.executable, "scripts/gen_protos.py", "--check")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "poolsvc/gen/ matches" in done.stdout
+    assert "clients/python/poolsvc_client/gen/ matches" in done.stdout
 
 
 def test_buf_lint():
