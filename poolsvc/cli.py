@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 
 from poolsvc import __version__
@@ -89,10 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     from poolsvc.engine.errors import EngineError
     from poolsvc.service.server import serve
     try:
-        asyncio.run(serve(config))
+        stopped_cleanly = asyncio.run(serve(config))
     except (ConfigError, EngineError, RuntimeError) as exc:
         logging.getLogger("poolsvc").error("cannot serve: %s", exc)
         return 1
+    if not stopped_cleanly:
+        # The device thread is inside a batch nobody waits for; finalizing the interpreter under
+        # it would abort (torch's C++ threads), and waiting would break the shutdown bound.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
