@@ -74,6 +74,7 @@ def test_kubernetes_manifests():
     import yaml
 
     from poolsvc.cli import build_parser, config_from_args
+    from poolsvc.service.server import EXIT_MARGIN
     docs = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "deploy").glob("*.yaml")}
     assert docs["service.yaml"]["spec"]["clusterIP"] == "None"  # headless: client-side balancing
     for name in ("deployment-cpu.yaml", "deployment-gpu.yaml"):
@@ -85,7 +86,8 @@ def test_kubernetes_manifests():
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"grpc": config.port, "metrics": config.metrics_port}
         grace = docs[name]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        assert grace > config.grace_period
+        pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+        assert grace >= pause + config.grace_period + EXIT_MARGIN  # the drain's bound fits
         assert container["resources"]["requests"]["cpu"]
     gpu = docs["deployment-gpu.yaml"]["spec"]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
