@@ -4,6 +4,7 @@ the server package calls every RPC, blocking and asyncio, with the same results 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -36,8 +37,12 @@ def test_the_client_alone_in_a_fresh_venv(tmp_path, examples_server):
     python = venv / "bin" / "python"
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # `pip install ./clients/python` from a copy: setuptools builds in the source tree, and the
+    # test leaves the checkout as it found it
+    shutil.copytree(ROOT / "clients" / "python", tmp_path / "clients" / "python",
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", "./clients/python"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
     print(f"venv + pip install ./clients/python: {time.monotonic() - started:.1f}s")
     installed = subprocess.run([str(python), "-m", "pip", "list", "--format=json"],
