@@ -33,7 +33,7 @@ from poolsvc_client.gen.v1 import (
 
 
 class _Api:
-    """The RPCs. Subclasses define _unary, _stream and _requests."""
+    """The RPCs. Subclasses define how one runs: _unary and _stream."""
 
     def __init__(self, channel, api_key: str | None, timeout: float | None):
         self.channel = channel
