@@ -4,7 +4,7 @@
     python bench/bench.py --quantize int8       # with int8 dynamic quantization
     python bench/bench.py --random bert-base --device cuda --dtype bfloat16   # on a GPU
 
-On ../shared/bench/queries.jsonl and passages.jsonl separately, with the same model and thread
+On bench/data/queries.jsonl and passages.jsonl separately, with the same model and thread
 count: (1) sentence-transformers `encode` (the baseline), (2) poolsvc's offline API, (3) poolsvc
 served over gRPC on loopback, driven by a separate client process: concurrent requests of 1 text
 and of 32 texts, and one stream. Prints tokens/s, texts/s, p50/p99 latency and each ratio to (1),
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "bench"
+DATA = ROOT / "bench" / "data"
 SHORT = "How do I open a file for reading?"
 
 

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 
+from poolsvc import __version__
 from poolsvc.config import ConfigError, ServerConfig
 
 
@@ -37,10 +39,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 help=f"{meta['help']} (default: {f.default})")
 
 
+DESCRIPTION = """\
+Serve pooling models over gRPC: embeddings (text and image), classification, sentence-pair
+scores and reranking, per-token outputs and rewards, with vLLM's pooling semantics."""
+
+EPILOG = f"""\
+examples:
+  poolsvc serve                  the bundled default model on {ServerConfig().address}
+  poolsvc serve --model BAAI/bge-m3 --model rerank=BAAI/bge-reranker-v2-m3
+  poolsvc serve --help           every serving flag, with its default
+
+The RPCs, health and reflection are described in the README and in protos/poolsvc/v1/."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poolsvc", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve models over gRPC",
+    parser = argparse.ArgumentParser(prog="poolsvc", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"poolsvc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="serve models over gRPC (health and reflection on)",
                            description="Serve pooling models over gRPC (health and reflection on).")
     _add_config_flags(serve)
     return parser
@@ -73,10 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     from poolsvc.engine.errors import EngineError
     from poolsvc.service.server import serve
     try:
-        asyncio.run(serve(config))
+        stopped_cleanly = asyncio.run(serve(config))
     except (ConfigError, EngineError, RuntimeError) as exc:
         logging.getLogger("poolsvc").error("cannot serve: %s", exc)
         return 1
+    if not stopped_cleanly:
+        # The device thread is inside a batch nobody waits for; finalizing the interpreter under
+        # it would abort (torch's C++ threads), and waiting would break the shutdown bound.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

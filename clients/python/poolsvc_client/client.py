@@ -1,96 +1,40 @@
-"""Sync and asyncio clients over the generated stubs."""
+"""Client (blocking) and AsyncClient (asyncio): one method per poolsvc RPC.
+
+Both share the method definitions below (`_Api`); they differ only in how a call runs: Client
+returns the result, AsyncClient returns a coroutine to await (or, for streams, an async
+iterator). A failed call raises PoolsvcError with the gRPC status code and the server's message.
+"""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
-from importlib import resources
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from poolsvc.gen.v1 import (
-    common_pb2,
+from poolsvc_client import build, results
+from poolsvc_client.build import Text
+from poolsvc_client.channel import make_channel
+from poolsvc_client.errors import PoolsvcError, StreamItemError
+from poolsvc_client.gen.health import health_pb2, health_pb2_grpc
+from poolsvc_client.gen.v1 import (
+    classify_pb2,
+    classify_pb2_grpc,
     embed_pb2,
     embed_pb2_grpc,
+    encode_pb2,
+    encode_pb2_grpc,
     model_pb2,
     model_pb2_grpc,
-    tensor_pb2,
+    score_pb2,
+    score_pb2_grpc,
 )
-from poolsvc_client.tensors import decode_tensor
-
-_DTYPES = {"float32": tensor_pb2.DATA_TYPE_FLOAT32, "float16": tensor_pb2.DATA_TYPE_FLOAT16,
-           "bfloat16": tensor_pb2.DATA_TYPE_BFLOAT16}
-_SIDES = {"right": common_pb2.TRUNCATION_SIDE_RIGHT, "left": common_pb2.TRUNCATION_SIDE_LEFT}
-
-Text = str | bytes | Sequence[int]  # a text, an encoded image (PNG, JPEG, WebP), or token ids
 
 
-def _input(item: Text) -> common_pb2.Input:
-    if isinstance(item, str):
-        return common_pb2.Input(text=item)
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return common_pb2.Input(image=common_pb2.Image(data=bytes(item)))
-    return common_pb2.Input(tokens=common_pb2.TokenIds(ids=list(item)))
+class _Api:
+    """The RPCs. Subclasses define how one runs: _unary and _stream."""
 
-
-def build_embed_request(texts: Text | Sequence[Text], *, model: str = "",
-                        normalize: bool | None = None, dimensions: int | None = None,
-                        truncate: bool | int | None = None, truncation_side: str = "right",
-                        dtype: str = "float32", prompt_name: str = "",
-                        prompt: str = "") -> embed_pb2.EmbedRequest:
-    """`truncate`: None = server default, False = reject over-long inputs, True = cut at the
-    model's limit, an int = cut at that many tokens."""
-    if isinstance(texts, str):
-        texts = [texts]
-    request = embed_pb2.EmbedRequest(model=model, inputs=[_input(t) for t in texts],
-                                     output_dtype=_DTYPES[dtype], prompt_name=prompt_name,
-                                     prompt=prompt)
-    if normalize is not None:
-        request.normalize = normalize
-    if dimensions is not None:
-        request.dimensions = dimensions
-    if truncate is not None or truncation_side != "right":
-        request.truncation.side = _SIDES[truncation_side]
-        if isinstance(truncate, bool):
-            request.truncation.enabled = truncate
-        elif truncate is not None:
-            request.truncation.max_tokens = truncate
-    return request
-
-
-SERVICE_CONFIG = (resources.files("poolsvc_client") / "service_config.json").read_text()
-
-
-def channel_options(max_message_bytes: int = 64 << 20) -> list[tuple[str, object]]:
-    """The documented service config (round_robin over every address the name resolves to, and
-    retries of UNAVAILABLE, which a draining or restarting replica answers), plus message size."""
-    return [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
-
-
-def _credentials(root_ca: str | None, cert: str | None, key: str | None):
-    def read(path):
-        with open(path, "rb") as f:
-            return f.read()
-    return grpc.ssl_channel_credentials(root_certificates=read(root_ca) if root_ca else None,
-                                        private_key=read(key) if key else None,
-                                        certificate_chain=read(cert) if cert else None)
-
-
-def make_channel(target: str, *, tls: bool = False, root_ca: str | None = None,
-                 cert: str | None = None, key: str | None = None, aio: bool = False):
-    """A channel to poolsvc: plaintext, or TLS (`tls`, or any of the PEM paths: `root_ca` to
-    trust, `cert`/`key` to present for mutual TLS)."""
-    module = grpc.aio if aio else grpc
-    if tls or root_ca or cert:
-        return module.secure_channel(target, _credentials(root_ca, cert, key), channel_options())
-    return module.insecure_channel(target, channel_options())
-
-
-class _Stubs:
     def __init__(self, channel, api_key: str | None, timeout: float | None):
         self.channel = channel
         self.timeout = timeout
@@ -98,14 +42,123 @@ class _Stubs:
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.call_options = {"timeout": timeout, "metadata": self.metadata}
         self.embed_stub = embed_pb2_grpc.EmbedServiceStub(channel)
+        self.classify_stub = classify_pb2_grpc.ClassifyServiceStub(channel)
+        self.score_stub = score_pb2_grpc.ScoreServiceStub(channel)
+        self.encode_stub = encode_pb2_grpc.EncodeServiceStub(channel)
         self.model_stub = model_pb2_grpc.ModelServiceStub(channel)
         self.health_stub = health_pb2_grpc.HealthStub(channel)
 
+    # --- unary RPCs ------------------------------------------------------------------------------
 
-class Client(_Stubs):
+    def embed(self, texts: Text | Sequence[Text], **options) -> np.ndarray:
+        """[N, D] embeddings. Options: see build.embed_request (model, normalize, dimensions,
+        truncate, truncation_side, dtype, prompt_name, prompt)."""
+        return self._unary(self.embed_stub.Embed, build.embed_request(texts, **options),
+                           results.embeddings)
+
+    def embed_response(self, texts: Text | Sequence[Text], **options) -> embed_pb2.EmbedResponse:
+        """The whole EmbedResponse (usage, timing) rather than the array."""
+        return self._unary(self.embed_stub.Embed, build.embed_request(texts, **options),
+                           lambda response: response)
+
+    def classify(self, texts: Text | Sequence[Text], **options) -> results.Classification:
+        """Class probabilities `.probs` [N, num_labels] and their `.labels`. Options: see
+        build.classify_request (model, activation, truncate, truncation_side, dtype, prompts)."""
+        return self._unary(self.classify_stub.Classify, build.classify_request(texts, **options),
+                           results.classification)
+
+    def score(self, queries: Text | Sequence[Text], documents: Text | Sequence[Text],
+              **options) -> np.ndarray:
+        """[N] scores of the pairs (1:N, N:1 or N:N): a cross-encoder's relevance, or the cosine
+        of two embeddings. Options: model, activation, truncate, truncation_side."""
+        return self._unary(self.score_stub.Score,
+                           build.score_request(queries, documents, **options), results.scores)
+
+    def rerank(self, query: Text, documents: Text | Sequence[Text],
+               **options) -> list[results.RerankResult]:
+        """The documents best first, as (index, score, document). Options: model, top_n,
+        return_documents, activation, truncate, truncation_side."""
+        return self._unary(self.score_stub.Rerank,
+                           build.rerank_request(query, documents, **options), results.ranking)
+
+    def encode(self, texts: Text | Sequence[Text], **options) -> list[np.ndarray]:
+        """One raw output per input (per-token embeddings or classes, rewards). Options: see
+        build.encode_request (model, task, normalize, activation, truncate, dtype, prompts)."""
+        return self._unary(self.encode_stub.Encode, build.encode_request(texts, **options),
+                           results.encodings)
+
+    def tokenize(self, texts: str | Sequence[str], **options) -> list[list[int]]:
+        """The token ids of each text, as the model sees them. Options: model,
+        add_special_tokens, prompt_name, prompt, truncate, truncation_side."""
+        return self._unary(self.model_stub.Tokenize, build.tokenize_request(texts, **options),
+                           results.token_ids)
+
+    def list_models(self) -> list[model_pb2.ModelInfo]:
+        """Every served model: name, tasks, dimensions, limits, pooling, labels, prompts."""
+        return self._unary(self.model_stub.ListModels, model_pb2.ListModelsRequest(),
+                           lambda response: list(response.models))
+
+    def model_info(self, model: str = "") -> model_pb2.ModelInfo:
+        """One model's ModelInfo ("": the default model)."""
+        return self._unary(self.model_stub.GetModelInfo,
+                           model_pb2.GetModelInfoRequest(model=model), results.model_info)
+
+    def health(self, service: str = "") -> str:
+        """SERVING, NOT_SERVING, ... for the server ("") or one service."""
+        return self._unary(self.health_stub.Check,
+                           health_pb2.HealthCheckRequest(service=service),
+                           lambda r: health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+
+    # --- streams: many requests on one call, answered as they finish ------------------------------
+    # Each yields (index of the batch in `batches`, its result), in completion order. A failed
+    # batch raises StreamItemError, which ends the iteration; with return_errors=True it is
+    # yielded as the result instead and the stream goes on.
+
+    def embed_stream(self, batches, *, return_errors: bool = False, **options):
+        """Embeds each batch of texts; yields (index, [N, D])."""
+        build.embed_request([], **options)  # a bad option fails here, not inside the stream
+        return self._stream(self.embed_stub.EmbedStream, batches, lambda i, b: (
+            embed_pb2.EmbedStreamRequest(id=str(i), request=build.embed_request(b, **options))),
+            results.embeddings, return_errors)
+
+    def classify_stream(self, batches, *, return_errors: bool = False, **options):
+        """Classifies each batch of texts; yields (index, Classification)."""
+        build.classify_request([], **options)
+        return self._stream(self.classify_stub.ClassifyStream, batches, lambda i, b: (
+            classify_pb2.ClassifyStreamRequest(id=str(i),
+                                               request=build.classify_request(b, **options))),
+            results.classification, return_errors)
+
+    def score_stream(self, pairs, *, return_errors: bool = False, **options):
+        """Scores each (queries, documents) of `pairs`; yields (index, [N])."""
+        build.score_request([], [], **options)
+        return self._stream(self.score_stub.ScoreStream, pairs, lambda i, p: (
+            score_pb2.ScoreStreamRequest(id=str(i), request=build.score_request(*p, **options))),
+            results.scores, return_errors)
+
+    def encode_stream(self, batches, *, return_errors: bool = False, **options):
+        """Encodes each batch of texts; yields (index, [one array per input])."""
+        build.encode_request([], **options)
+        return self._stream(self.encode_stub.EncodeStream, batches, lambda i, b: (
+            encode_pb2.EncodeStreamRequest(id=str(i), request=build.encode_request(b, **options))),
+            results.encodings, return_errors)
+
+
+def _stream_item(response, decode: Callable, return_errors: bool):
+    index = int(response.id)
+    if response.WhichOneof("result") == "error":
+        error = StreamItemError.from_status(index, response.error.code, response.error.message)
+        if return_errors:
+            return index, error
+        raise error
+    return index, decode(response.response)
+
+
+class Client(_Api):
     """Blocking client. `target` is host:port (or any gRPC name, e.g. dns:///poolsvc:50051 for
-    round-robin over a headless service). TLS options as make_channel; `api_key` is sent as a
-    bearer token; or pass your own `channel`."""
+    round-robin over a headless service). TLS: `tls`, or `root_ca` (PEM path) to trust, and
+    `cert`/`key` to present for mutual TLS; `api_key` is sent as a bearer token; `timeout` is each
+    call's deadline in seconds; or pass your own `channel`."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, channel: grpc.Channel | None = None,
                  timeout: float | None = 60.0, api_key: str | None = None, tls: bool = False,
@@ -113,38 +166,24 @@ class Client(_Stubs):
         super().__init__(channel or make_channel(target, tls=tls, root_ca=root_ca, cert=cert,
                                                  key=key), api_key, timeout)
 
-    def embed(self, texts: Text | Sequence[Text], **options) -> np.ndarray:
-        """[N, D] embeddings; options as build_embed_request."""
-        return decode_tensor(self.embed_response(texts, **options).embeddings)
+    def _unary(self, method, request, decode: Callable):
+        try:
+            response = method(request, **self.call_options)
+        except grpc.RpcError as error:
+            raise PoolsvcError.from_rpc(error) from None
+        return decode(response)
 
-    def embed_response(self, texts, **options) -> embed_pb2.EmbedResponse:
-        return self.embed_stub.Embed(build_embed_request(texts, **options), **self.call_options)
-
-    def embed_stream(self, batches: Iterable[Text | Sequence[Text]],
-                     **options) -> Iterator[tuple[int, np.ndarray]]:
-        """Embeds many batches on one stream; yields (batch index, [N, D]) as they finish, which
-        may be out of order. A failed batch raises StreamItemError; the others are unaffected."""
+    def _stream(self, method, items: Iterable, make: Callable, decode: Callable,
+                return_errors: bool) -> Iterator:
         counter = itertools.count()
-        requests = (embed_pb2.EmbedStreamRequest(id=str(next(counter)),
-                                                 request=build_embed_request(b, **options))
-                    for b in batches)
-        for response in self.embed_stub.EmbedStream(requests, **self.call_options):
-            yield _stream_item(response)
-
-    def tokenize(self, texts: Sequence[str], *, model: str = "") -> list[list[int]]:
-        response = self.model_stub.Tokenize(model_pb2.TokenizeRequest(model=model, texts=texts),
-                                        **self.call_options)
-        return [list(r.ids) for r in response.results]
-
-    def list_models(self) -> list[model_pb2.ModelInfo]:
-        return list(self.model_stub.ListModels(model_pb2.ListModelsRequest(),
-                                           **self.call_options).models)
-
-    def health(self, service: str = "") -> str:
-        """SERVING, NOT_SERVING, ... for the server ("") or one service."""
-        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                     **self.call_options)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        call = method((make(next(counter), item) for item in items), **self.call_options)
+        try:
+            for response in call:
+                yield _stream_item(response, decode, return_errors)
+        except grpc.RpcError as error:
+            raise PoolsvcError.from_rpc(error) from None
+        finally:
+            call.cancel()  # no-op once finished; stops the call when the caller stops reading
 
     def close(self) -> None:
         self.channel.close()
@@ -156,8 +195,10 @@ class Client(_Stubs):
         self.close()
 
 
-class AsyncClient(_Stubs):
-    """asyncio client with Client's options; create it inside a running event loop."""
+class AsyncClient(_Api):
+    """asyncio client with Client's options and methods: `await client.embed(...)`,
+    `async for index, vectors in client.embed_stream(...)`. Stream inputs may be iterables or
+    async iterables. Create it inside a running event loop."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *,
                  channel: grpc.aio.Channel | None = None, timeout: float | None = 60.0,
@@ -166,43 +207,32 @@ class AsyncClient(_Stubs):
         super().__init__(channel or make_channel(target, tls=tls, root_ca=root_ca, cert=cert,
                                                  key=key, aio=True), api_key, timeout)
 
-    async def embed(self, texts: Text | Sequence[Text], **options) -> np.ndarray:
-        return decode_tensor((await self.embed_response(texts, **options)).embeddings)
+    async def _unary(self, method, request, decode: Callable):
+        try:
+            response = await method(request, **self.call_options)
+        except grpc.RpcError as error:  # grpc.aio.AioRpcError included
+            raise PoolsvcError.from_rpc(error) from None
+        return decode(response)
 
-    async def embed_response(self, texts, **options) -> embed_pb2.EmbedResponse:
-        request = build_embed_request(texts, **options)
-        return await self.embed_stub.Embed(request, **self.call_options)
-
-    async def embed_stream(self, batches: AsyncIterable | Iterable,
-                           **options) -> AsyncIterator[tuple[int, np.ndarray]]:
+    async def _stream(self, method, items: Iterable | AsyncIterable, make: Callable,
+                      decode: Callable, return_errors: bool) -> AsyncIterator:
         async def requests():
             counter = itertools.count()
-            if hasattr(batches, "__aiter__"):
-                async for b in batches:
-                    yield embed_pb2.EmbedStreamRequest(id=str(next(counter)),
-                                                       request=build_embed_request(b, **options))
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    yield make(next(counter), item)
             else:
-                for b in batches:
-                    yield embed_pb2.EmbedStreamRequest(id=str(next(counter)),
-                                                       request=build_embed_request(b, **options))
+                for item in items:
+                    yield make(next(counter), item)
 
-        async for response in self.embed_stub.EmbedStream(requests(), **self.call_options):
-            yield _stream_item(response)
-
-    async def tokenize(self, texts: Sequence[str], *, model: str = "") -> list[list[int]]:
-        request = model_pb2.TokenizeRequest(model=model, texts=texts)
-        response = await self.model_stub.Tokenize(request, **self.call_options)
-        return [list(r.ids) for r in response.results]
-
-    async def list_models(self) -> list[model_pb2.ModelInfo]:
-        response = await self.model_stub.ListModels(model_pb2.ListModelsRequest(),
-                                                **self.call_options)
-        return list(response.models)
-
-    async def health(self, service: str = "") -> str:
-        response = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                           **self.call_options)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        call = method(requests(), **self.call_options)
+        try:
+            async for response in call:
+                yield _stream_item(response, decode, return_errors)
+        except grpc.RpcError as error:
+            raise PoolsvcError.from_rpc(error) from None
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -212,22 +242,3 @@ class AsyncClient(_Stubs):
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-class StreamItemError(Exception):
-    """One request of a stream failed; `code` is the gRPC status code."""
-
-    def __init__(self, index: int, code: grpc.StatusCode, message: str):
-        super().__init__(f"batch {index}: {code.name}: {message}")
-        self.index, self.code, self.message = index, code, message
-
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
-def _stream_item(response: embed_pb2.EmbedStreamResponse) -> tuple[int, np.ndarray]:
-    index = int(response.id)
-    if response.WhichOneof("result") == "error":
-        raise StreamItemError(index, _CODES.get(response.error.code, grpc.StatusCode.UNKNOWN),
-                              response.error.message)
-    return index, decode_tensor(response.response.embeddings)

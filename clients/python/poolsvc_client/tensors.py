@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from poolsvc.gen.v1 import tensor_pb2
+from poolsvc_client.gen.v1 import tensor_pb2
 
 _NUMPY = {
     tensor_pb2.DATA_TYPE_FLOAT32: np.dtype("<f4"),
@@ -12,8 +12,9 @@ _NUMPY = {
 }
 
 
-def decode_tensor(tensor: tensor_pb2.Tensor) -> np.ndarray:
-    """The tensor as a numpy array; bfloat16 is widened to float32 (numpy has no bfloat16)."""
+def decode_tensor(tensor) -> np.ndarray:
+    """A poolsvc.v1.Tensor (the client's or the server's message class) as a numpy array;
+    bfloat16 is widened to float32 (numpy has no bfloat16)."""
     shape = tuple(tensor.shape)
     if tensor.dtype == tensor_pb2.DATA_TYPE_BFLOAT16:
         bits = np.frombuffer(tensor.data, dtype="<u2").astype(np.uint32) << 16
