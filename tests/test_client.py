@@ -59,6 +59,14 @@ def test_errors_are_typed(server):
         with pytest.raises(PoolsvcError) as info:
             client.classify("x")  # the default model embeds only
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        # hints name the option as this client spells it, not as the request message does
+        with pytest.raises(PoolsvcError) as info:
+            client.embed("word " * 400)
+        assert "enable truncation (truncate=True)" in info.value.details
+        assert "truncation.enabled" not in info.value.details
+        with pytest.raises(PoolsvcError) as info:
+            client.embed("x", truncate=1000)
+        assert "(truncate=<number of tokens>)" in info.value.details
         with pytest.raises(ValueError, match=r"dtype='int8' is reserved .*'float32', 'float16', "
                                              r"'bfloat16'"):
             client.embed("x", dtype="int8")

@@ -5,6 +5,18 @@ from __future__ import annotations
 import grpc
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+# The server's messages name the options to change as the request messages spell them (see
+# poolsvc/service/status.py); this client's keywords spell them differently.
+_SPELLING = {
+    "(truncation.enabled=true)": "(truncate=True)",
+    "(truncation.max_tokens)": "(truncate=<number of tokens>)",
+}
+
+
+def _in_client_spelling(details: str) -> str:
+    for grpc_spelling, ours in _SPELLING.items():
+        details = details.replace(grpc_spelling, ours)
+    return details
 
 
 class PoolsvcError(Exception):
@@ -12,6 +24,7 @@ class PoolsvcError(Exception):
     UNAVAILABLE, ...), `details` the server's message, which says what to change."""
 
     def __init__(self, code: grpc.StatusCode, details: str):
+        details = _in_client_spelling(details)
         super().__init__(f"{code.name}: {details}")
         self.code, self.details = code, details
 
