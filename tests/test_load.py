@@ -99,8 +99,11 @@ def test_cancelled_calls_are_dropped_from_the_queue():
                 await until(lambda: in_flight() == 1)
                 short = [stub.Embed(passages(4), timeout=0.2) for _ in range(5)]
                 results = await asyncio.gather(*short, return_exceptions=True)
-                assert all(isinstance(r, grpc.aio.AioRpcError) and
-                           r.code() == grpc.StatusCode.DEADLINE_EXCEEDED for r in results)
+                # their deadline passed while queued, or the server saw at once that the work
+                # ahead would not be done by then (RESOURCE_EXHAUSTED, load shed)
+                assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() in (
+                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                    for r in results)
                 cancelled = asyncio.ensure_future(stub.Embed(passages(8), timeout=120))
                 await until(lambda: in_flight() >= 2)  # admitted and queued
                 cancelled.cancel()

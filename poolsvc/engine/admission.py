@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from poolsvc.engine.config import Limits
 from poolsvc.engine.errors import OverloadedError
 
-# The device's rate is total tokens over total seconds of recent batches, each batch's weight
-# decaying by this factor per later batch: big batches (the ones a backlog makes) count most.
-_DECAY = 0.9
+# Queued work drains in full batches, so it is timed at the best rate the device has recently
+# shown (small batches of light traffic run far below it); that best rate halves every
+# _HALF_LIFE seconds, so a slower device (contention, a bigger model's traffic) is noticed.
+_HALF_LIFE = 60.0
 
 
 @dataclass(eq=False)
@@ -33,7 +34,7 @@ class Admission:
         self.in_flight = 0
         self.tokens = 0                        # of every admitted, unanswered request
         self.tokens_per_second: float | None = None  # measured on the device
-        self._recent_tokens = self._recent_seconds = 0.0
+        self._rated_at = 0.0
 
     def admit(self, deadline_ns: int | None = None) -> Ticket:
         """A ticket for a new request, or OverloadedError at once: too many requests in flight,
@@ -65,7 +66,9 @@ class Admission:
 
     def _check_queue(self, seconds: float, deadline_ns: int | None, own: float = 0.0) -> None:
         most = self.limits.max_queue_seconds
-        if most is not None and seconds > most:
+        if most is None:  # no shedding (the offline API): everything waits its turn
+            return
+        if seconds > most:
             raise OverloadedError(
                 f"about {seconds:.1f} s of work is queued, more than the server's limit of "
                 f"{most:g} s (--max-queue-seconds); retry with backoff or on another replica")
@@ -88,10 +91,12 @@ class Admission:
         """A batch of `tokens` took `seconds` on the device."""
         if tokens <= 0 or seconds <= 0:
             return
+        rate, now = tokens / seconds, time.monotonic()
         with self._lock:
-            self._recent_tokens = self._recent_tokens * _DECAY + tokens
-            self._recent_seconds = self._recent_seconds * _DECAY + seconds
-            self.tokens_per_second = self._recent_tokens / self._recent_seconds
+            best = self.tokens_per_second
+            if best is not None:
+                rate = max(rate, best * 0.5 ** ((now - self._rated_at) / _HALF_LIFE))
+            self.tokens_per_second, self._rated_at = rate, now
 
     @property
     def queued_seconds(self) -> float:

@@ -95,7 +95,8 @@ class Engine:
                 self._models.setdefault(key, model)
             self._served.append(model)
             model.warm_up()
-            self._admission.ran(*model.time_one_batch())  # a first rate, before any traffic
+            # a first rate, before any traffic: a batch as a backlog would make it
+            self._admission.ran(*model.time_one_batch(min(4096, self.config.max_batch_tokens)))
         self._runner.start()
         self.ready = True
 

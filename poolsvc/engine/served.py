@@ -104,10 +104,16 @@ class ServedModel:
             seqs = request.sequences()
             self.compute(seqs, self.prepare(seqs)).wait()
 
-    def time_one_batch(self) -> tuple[int, float]:
-        """(tokens, seconds) of one sample batch through the forward pass and pooling: a first
-        measure of the device's rate, before any traffic."""
-        request = self._sample(self.description.default_task)
+    def time_one_batch(self, tokens: int) -> tuple[int, float]:
+        """(tokens, seconds) of a batch of about `tokens` (longest inputs) through the forward
+        pass and pooling: a first measure of the device's rate, before any traffic."""
+        model = self.description
+        count = max(1, tokens // model.max_input_tokens)
+        request = self._sample(model.default_task)
+        if "image" not in model.modalities:
+            call = PoolingRequest(model.default_task, ("",) * count)
+            request = Request(call, self.name, options_for(call, model),
+                              [[0] * model.max_input_tokens] * count)
         seqs = request.sequences()
         started = time.perf_counter()
         self.compute(seqs, self.prepare(seqs)).wait()
