@@ -12,6 +12,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -118,7 +119,7 @@ class _Servicer:
     def _decode_and_submit(self, raw: bytes, message_type, to_request: Callable,
                            when: convert.When, ticket: Ticket):
         message = decode(raw, message_type, self.max_message_bytes)
-        request = to_request(message, when, self.engine.limits)
+        request = to_request(message, when)
         return message, self.engine.submit(request, ticket)
 
     def _abandon(self, ticket: Ticket, submitted: concurrent.futures.Future) -> None:
@@ -150,101 +151,111 @@ class _Servicer:
             await context.abort(*status_of(exc))
 
 
-class EmbedServicer(_Servicer):
-    SERVICE = "poolsvc.v1.EmbedService"
+@dataclass(frozen=True)
+class TaskRpc:
+    """A task's unary RPC and its stream: their messages, and the two conversions
+    (`to_request(message, when, engine)`, `respond(output)`)."""
 
-    async def _embed(self, raw: bytes, context, message_type=embed_pb2.EmbedRequest,
-                     unwrap=None) -> embed_pb2.EmbedResponse:
-        _, out = await self._run(raw, message_type, _unwrapped(convert.embed_request, unwrap),
-                                 context)
-        return convert.embed_response(out)
+    request: type
+    stream_request: type
+    stream_response: type
+    to_request: Callable
+    respond: Callable
+
+
+class _TaskServicer(_Servicer):
+    async def _answer(self, rpc: TaskRpc, raw: bytes, context, *, item: bool = False):
+        """One request (or one stream item's request) through the engine, answered."""
+        def to_request(message, when):
+            return rpc.to_request(message.request if item else message, when, self.engine)
+
+        message_type = rpc.stream_request if item else rpc.request
+        _, out = await self._run(raw, message_type, to_request, context)
+        return rpc.respond(out)
+
+    async def _answers(self, rpc: TaskRpc, method: str, requests, context):
+        handle = functools.partial(self._answer, rpc, item=True)
+        async for response in self._answer_stream(method, requests, context, handle,
+                                                  rpc.stream_response):
+            yield response
+
+
+def _encode_request(message, when, engine):
+    default_task = engine.model(message.model).default_task  # the task when none is named
+    return convert.encode_request(message, when, engine.limits, default_task)
+
+
+EMBED = TaskRpc(embed_pb2.EmbedRequest, embed_pb2.EmbedStreamRequest,
+                embed_pb2.EmbedStreamResponse,
+                lambda message, when, engine: convert.embed_request(message, when, engine.limits),
+                convert.embed_response)
+CLASSIFY = TaskRpc(classify_pb2.ClassifyRequest, classify_pb2.ClassifyStreamRequest,
+                   classify_pb2.ClassifyStreamResponse,
+                   lambda message, when, engine: convert.classify_request(message, when,
+                                                                          engine.limits),
+                   convert.classify_response)
+SCORE = TaskRpc(score_pb2.ScoreRequest, score_pb2.ScoreStreamRequest,
+                score_pb2.ScoreStreamResponse,
+                lambda message, when, engine: convert.score_request(message, when, engine.limits),
+                convert.score_response)
+ENCODE = TaskRpc(encode_pb2.EncodeRequest, encode_pb2.EncodeStreamRequest,
+                 encode_pb2.EncodeStreamResponse, _encode_request, convert.encode_response)
+
+
+class EmbedServicer(_TaskServicer):
+    SERVICE = "poolsvc.v1.EmbedService"
 
     @unary
     async def Embed(self, raw, context):
-        return await self._embed(raw, context)
+        return await self._answer(EMBED, raw, context)
 
     async def EmbedStream(self, requests, context):
-        handle = functools.partial(self._embed, message_type=embed_pb2.EmbedStreamRequest,
-                                   unwrap=True)
-        answers = self._answer_stream("EmbedStream", requests, context, handle,
-                                      embed_pb2.EmbedStreamResponse)
-        async for response in answers:
+        async for response in self._answers(EMBED, "EmbedStream", requests, context):
             yield response
 
 
-class ClassifyServicer(_Servicer):
+class ClassifyServicer(_TaskServicer):
     SERVICE = "poolsvc.v1.ClassifyService"
-
-    async def _classify(self, raw: bytes, context, message_type=classify_pb2.ClassifyRequest,
-                        unwrap=None):
-        _, out = await self._run(raw, message_type,
-                                 _unwrapped(convert.classify_request, unwrap), context)
-        return convert.classify_response(out)
 
     @unary
     async def Classify(self, raw, context):
-        return await self._classify(raw, context)
+        return await self._answer(CLASSIFY, raw, context)
 
     async def ClassifyStream(self, requests, context):
-        handle = functools.partial(self._classify,
-                                   message_type=classify_pb2.ClassifyStreamRequest, unwrap=True)
-        answers = self._answer_stream("ClassifyStream", requests, context, handle,
-                                      classify_pb2.ClassifyStreamResponse)
-        async for response in answers:
+        async for response in self._answers(CLASSIFY, "ClassifyStream", requests, context):
             yield response
 
 
-class ScoreServicer(_Servicer):
+class ScoreServicer(_TaskServicer):
     SERVICE = "poolsvc.v1.ScoreService"
-
-    async def _score(self, raw: bytes, context, message_type=score_pb2.ScoreRequest,
-                     unwrap=None):
-        _, out = await self._run(raw, message_type, _unwrapped(convert.score_request, unwrap),
-                                 context)
-        return convert.score_response(out)
 
     @unary
     async def Score(self, raw, context):
-        return await self._score(raw, context)
+        return await self._answer(SCORE, raw, context)
 
     async def ScoreStream(self, requests, context):
-        handle = functools.partial(self._score, message_type=score_pb2.ScoreStreamRequest,
-                                   unwrap=True)
-        answers = self._answer_stream("ScoreStream", requests, context, handle,
-                                      score_pb2.ScoreStreamResponse)
-        async for response in answers:
+        async for response in self._answers(SCORE, "ScoreStream", requests, context):
             yield response
 
     @unary
     async def Rerank(self, raw, context):
-        request, out = await self._run(raw, score_pb2.RerankRequest, convert.rerank_request,
-                                       context)
+        def to_request(message, when):
+            return convert.rerank_request(message, when, self.engine.limits)
+
+        request, out = await self._run(raw, score_pb2.RerankRequest, to_request, context)
         return convert.rerank_response(out, request.documents, request.top_n,
                                        request.return_documents)
 
 
-class EncodeServicer(_Servicer):
+class EncodeServicer(_TaskServicer):
     SERVICE = "poolsvc.v1.EncodeService"
-
-    async def _encode(self, raw: bytes, context, message_type=encode_pb2.EncodeRequest,
-                      unwrap=None):
-        def to_request(message, when, limits):
-            default_task = self.engine.model(message.model).default_task
-            return convert.encode_request(message, when, limits, default_task)
-
-        _, out = await self._run(raw, message_type, _unwrapped(to_request, unwrap), context)
-        return convert.encode_response(out)
 
     @unary
     async def Encode(self, raw, context):
-        return await self._encode(raw, context)
+        return await self._answer(ENCODE, raw, context)
 
     async def EncodeStream(self, requests, context):
-        handle = functools.partial(self._encode, message_type=encode_pb2.EncodeStreamRequest,
-                                   unwrap=True)
-        answers = self._answer_stream("EncodeStream", requests, context, handle,
-                                      encode_pb2.EncodeStreamResponse)
-        async for response in answers:
+        async for response in self._answers(ENCODE, "EncodeStream", requests, context):
             yield response
 
 
@@ -256,13 +267,6 @@ def _detached(work: Callable, raw: bytes):
         traceback.clear_frames(exc.__traceback__)
         del raw
         raise
-
-
-def _unwrapped(to_request: Callable, unwrap: bool | None) -> Callable:
-    """`to_request` for a stream item's `request`, or for the message itself."""
-    if not unwrap:
-        return to_request
-    return lambda item, when, limits: to_request(item.request, when, limits)
 
 
 class ModelServicer(_Servicer):
