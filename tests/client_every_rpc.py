@@ -72,7 +72,7 @@ def errors(client: Client) -> dict:
         client.embed("x", model="nope")
     except PoolsvcError as exc:
         out["unknown model"] = plain(exc)
-    for label, options in (("int8", {"dtype": "int8"}), ("task", {"task": "rerank"})):
+    for label, options in (("dtype", {"dtype": "int4"}), ("task", {"task": "rerank"})):
         try:
             client.encode("x", **options)
         except ValueError as exc:

@@ -67,9 +67,9 @@ def test_errors_are_typed(server):
         with pytest.raises(PoolsvcError) as info:
             client.embed("x", truncate=1000)
         assert "(truncate=<number of tokens>)" in info.value.details
-        with pytest.raises(ValueError, match=r"dtype='int8' is reserved .*'float32', 'float16', "
-                                             r"'bfloat16'"):
-            client.embed("x", dtype="int8")
+        with pytest.raises(PoolsvcError) as info:  # int8 quantizes normalized vectors only
+            client.embed("x", dtype="int8", normalize=False)
+        assert "quantization_range" in info.value.details
         with pytest.raises(ValueError, match=r"unknown dtype='f32'; use one of 'float32'"):
             client.embed("x", dtype="f32")
         with pytest.raises(ValueError, match=r"unknown truncation_side='middle'"):

@@ -80,6 +80,6 @@ def test_the_client_alone_in_a_fresh_venv(tmp_path, examples_server):
     errors = sync["errors"]
     assert errors["unknown model"]["error"] == "NOT_FOUND"
     assert "'nope' is not served" in errors["unknown model"]["details"]
-    assert "'int8' is reserved" in errors["int8"] and "'float32'" in errors["int8"]
+    assert "unknown dtype='int4'" in errors["dtype"] and "'ubinary'" in errors["dtype"]
     assert "unknown task='rerank'" in errors["task"] and "'token_embed'" in errors["task"]
     assert got["async"]["errors"]["classify on an embedder"]["error"] == "INVALID_ARGUMENT"

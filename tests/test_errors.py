@@ -92,10 +92,11 @@ CASES = {
     "unknown truncation side": (
         dict(truncation=common_pb2.TruncationOptions(side=9)), INVALID,
         ["side 9 is not a TruncationSide"]),
-    "reserved output dtype": (dict(output_dtype=tensor_pb2.DATA_TYPE_INT8),
-                              grpc.StatusCode.UNIMPLEMENTED,
-                              ["DATA_TYPE_INT8 is not produced yet", "DATA_TYPE_FLOAT16"]),
-    "unknown output dtype": (dict(output_dtype=42), INVALID, ["output_dtype 42"]),
+    "int8 of unnormalized vectors": (dict(output_dtype=tensor_pb2.DATA_TYPE_INT8, normalize=False),
+                                     INVALID, ["output_dtype int8 quantizes normalized",
+                                               "quantization_range"]),
+    "unknown output dtype": (dict(output_dtype=42), INVALID,
+                             ["output_dtype 42 is not a DataType", "DATA_TYPE_UBINARY"]),
 }
 
 

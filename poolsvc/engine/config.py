@@ -93,6 +93,8 @@ class PoolerConfig:
     enable_chunked_processing: bool = False
     # With chunking: the longest input accepted, in tokens (default: 16 chunks' worth).
     max_embed_len: int | None = None
+    # int8 / uint8 outputs: quantize over [-r, r] on every dimension (engine/compact.py).
+    quantization_range: float | None = None
 
     @classmethod
     def from_json(cls, text: str) -> PoolerConfig:
@@ -131,6 +133,9 @@ class PoolerConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"pooler config {name} must be a positive integer")
+        r = self.quantization_range
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0):
+            raise ConfigError("pooler config quantization_range must be a positive number")
         ids = self.returned_token_ids
         if ids is not None and (not ids or not all(isinstance(i, int) and i >= 0 for i in ids)):
             raise ConfigError("pooler config returned_token_ids must be a list of token ids")
@@ -224,7 +229,8 @@ class EngineConfig:
     pooler_configs: tuple[PoolerOverride, ...] = option(
         "[NAME=]JSON pooling overrides, e.g. '{\"pooling_type\": \"MEAN\", \"normalize\": false}'; "
         "keys: pooling_type, normalize, activation, step_tag_id, returned_token_ids, "
-        "enable_chunked_processing, max_embed_len. Without NAME it applies to every model; "
+        "enable_chunked_processing, max_embed_len, quantization_range. Without NAME it applies "
+        "to every model; "
         "repeatable", default=(),
         meta={"flag": "--pooler-config", "repeat": PoolerOverride.parse,
               "metavar": "[NAME=]JSON"})

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from poolsvc.engine import compact
 from poolsvc.engine.description import ModelDescription
 from poolsvc.engine.params import OutputDType, Task, Timing
 from poolsvc.engine.pooler import finish_rows
@@ -18,12 +19,13 @@ from poolsvc.engine.state import Request
 
 
 def to_numpy(t: torch.Tensor, dtype: OutputDType) -> np.ndarray:
-    """float32/float16 arrays, or the raw bits of bfloat16 as uint16 (numpy has no bfloat16)."""
-    if dtype is OutputDType.FLOAT32:
-        return t.to(torch.float32).contiguous().numpy()
-    if dtype is OutputDType.FLOAT16:
-        return t.to(torch.float16).contiguous().numpy()
-    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    """The array in its output dtype; bfloat16 as its raw bits in uint16 (numpy has no
+    bfloat16); int8 / uint8 / packed bits as they were cast (engine/compact.py)."""
+    if dtype is OutputDType.BFLOAT16:
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    if dtype in compact.FLOATS:
+        return t.to(compact.FLOATS[dtype]).contiguous().numpy()
+    return t.contiguous().numpy()
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,6 @@ class EncodeOutput(Output):
     dtype: OutputDType
 
 
-_ITEM_BYTES = {OutputDType.FLOAT32: 4, OutputDType.FLOAT16: 2, OutputDType.BFLOAT16: 2}
 _OVERHEAD_PER_OUTPUT = 32  # a tensor's dtype, shape and framing, a usage entry
 
 
@@ -79,7 +80,7 @@ def response_bytes(req: Request, model: ModelDescription) -> int:
     else:
         width = len(options.returned_token_ids or ()) or model.num_labels
     rows = sum(map(len, req.token_ids)) if options.method.per_token else len(req.token_ids)
-    return rows * width * _ITEM_BYTES[options.out_dtype] + \
+    return rows * compact.row_bytes(options.out_dtype, width) + \
         _OVERHEAD_PER_OUTPUT * len(req.token_ids)
 
 

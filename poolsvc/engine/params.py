@@ -51,10 +51,21 @@ class TruncationSide(enum.Enum):
 
 
 class OutputDType(enum.Enum):
+    """What a request's vectors are delivered as (the formulas: engine/compact.py)."""
+
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     # Delivered as the raw bits in a uint16 array: numpy has no bfloat16.
     BFLOAT16 = "bfloat16"
+    INT8 = "int8"        # scalar-quantized
+    UINT8 = "uint8"
+    BINARY = "binary"    # packed sign bits, as int8
+    UBINARY = "ubinary"  # packed sign bits, as uint8
+
+    @property
+    def compact(self) -> bool:
+        """An integer or bit-packed dtype: for vectors only."""
+        return self not in (OutputDType.FLOAT32, OutputDType.FLOAT16, OutputDType.BFLOAT16)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poolsvc.engine import compact
 from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.fused import kernels
@@ -26,8 +27,6 @@ from poolsvc.engine.request import PoolingRequest
 
 # Sequence methods the Triton pooling kernel implements (with dimensions, normalize, dtype).
 _KERNEL_METHODS = (PoolingType.CLS, PoolingType.LAST, PoolingType.MEAN)
-_TORCH_DTYPES = {OutputDType.FLOAT32: torch.float32, OutputDType.FLOAT16: torch.float16,
-                 OutputDType.BFLOAT16: torch.bfloat16}
 
 
 class Head(enum.Enum):
@@ -47,6 +46,7 @@ class PoolerOptions:
     normalize: bool = False
     dimensions: int | None = None
     out_dtype: OutputDType = OutputDType.FLOAT32
+    int8_range: float | None = None  # int8 / uint8 outputs: quantized over [-r, r]
     step_tag_id: int | None = None
     returned_token_ids: tuple[int, ...] | None = None
 
@@ -84,22 +84,46 @@ def options_for(request: PoolingRequest, model: ModelDescription) -> PoolerOptio
         if getattr(params, name) is not None and name not in allowed:
             raise InvalidInputError(f"{name} does not apply to {_what(request, model)}; leave it "
                                     "unset")
+    vectors = task in (Task.EMBED, Task.TOKEN_EMBED)
+    if params.out_dtype.compact and not vectors:
+        raise InvalidInputError(f"output_dtype {params.out_dtype.value} applies to embeddings "
+                                f"(embed, token_embed), not to {_what(request, model)}")
     if task is Task.EMBED or (task is Task.SCORE and model.scores_by_cosine):
         model.check_dimensions(params.dimensions)
         normalize = True if task is Task.SCORE else \
             _pick(params.normalize, model.normalize_default)
+        width = params.dimensions or model.embed_dimensions
         return PoolerOptions(model.pooling_type, _embed_head(model), normalize=normalize,
-                             dimensions=params.dimensions, out_dtype=params.out_dtype)
+                             dimensions=params.dimensions, out_dtype=params.out_dtype,
+                             int8_range=_int8_range(params.out_dtype, normalize, width, model))
     if task is Task.TOKEN_EMBED:
-        return PoolerOptions(PoolingType.ALL, Head.NONE,
-                             normalize=_pick(params.normalize, model.normalize_default),
-                             out_dtype=params.out_dtype)
+        normalize = _pick(params.normalize, model.normalize_default)
+        return PoolerOptions(PoolingType.ALL, Head.NONE, normalize=normalize,
+                             out_dtype=params.out_dtype,
+                             int8_range=_int8_range(params.out_dtype, normalize,
+                                                    model.hidden_size, model))
     activation = model.activation(task, params.activation)
     if task.per_token:
         return PoolerOptions(model.token_pooling, Head.MODEL, activation,
                              out_dtype=params.out_dtype, step_tag_id=model.step_tag_id,
                              returned_token_ids=model.returned_token_ids)
     return PoolerOptions(model.pooling_type, Head.MODEL, activation, out_dtype=params.out_dtype)
+
+
+def _int8_range(dtype: OutputDType, normalize: bool, width: int,
+                model: ModelDescription) -> float | None:
+    """The range int8 / uint8 outputs are quantized over: the model's configured one, else the
+    one of L2-normalized vectors (an unnormalized output has no scale to assume)."""
+    if dtype not in compact.INTEGERS:
+        return None
+    configured = model.pooler_config.quantization_range
+    if configured is not None:
+        return float(configured)
+    if not normalize:
+        raise InvalidInputError(
+            f"output_dtype {dtype.value} quantizes normalized embeddings; with normalize=false "
+            "the model needs a range: --pooler-config '{\"quantization_range\": R}'")
+    return compact.default_range(width)
 
 
 def _embed_head(model: ModelDescription) -> Head:
@@ -129,9 +153,12 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, index: torch.Tensor | None,
     if options.method.per_token:
         rows, counts = token_rows(options.method, hidden, batch, index, options.step_tag_id)
     elif use_kernel and options.method in _KERNEL_METHODS and head is None:
-        return kernels().pool(hidden, batch.cu_seqlens, options.method, options.dimensions,
-                              options.normalize, _TORCH_DTYPES[options.out_dtype],
-                              seq_index=index), None
+        pooled = kernels().pool(hidden, batch.cu_seqlens, options.method, options.dimensions,
+                                options.normalize,
+                                compact.FLOATS.get(options.out_dtype, torch.float32),
+                                seq_index=index)
+        return compact.cast(pooled.float(), options.out_dtype, options.int8_range) \
+            if options.out_dtype.compact else pooled, None
     elif use_kernel and options.method in _KERNEL_METHODS:
         rows, counts = kernels().pool(hidden, batch.cu_seqlens, options.method,
                                       seq_index=index), None
@@ -143,8 +170,9 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, index: torch.Tensor | None,
 
 
 def finish_rows(rows: torch.Tensor, options: PoolerOptions) -> torch.Tensor:
-    """activation -> returned columns -> Matryoshka truncation -> L2 normalization -> dtype, in
-    float32. Normalizing after truncation gives the kept prefix norm 1 (TEI's order)."""
+    """activation -> returned columns -> Matryoshka truncation -> L2 normalization -> output
+    dtype (engine/compact.py), in float32. Normalizing after truncation gives the kept prefix
+    norm 1 (TEI's order)."""
     rows = rows.float()
     if options.returned_token_ids is not None:
         rows = rows[..., list(options.returned_token_ids)]
@@ -153,7 +181,7 @@ def finish_rows(rows: torch.Tensor, options: PoolerOptions) -> torch.Tensor:
         rows = rows[..., :options.dimensions]
     if options.normalize:
         rows = F.normalize(rows, p=2.0, dim=-1)
-    return rows.to(_TORCH_DTYPES[options.out_dtype])
+    return compact.cast(rows, options.out_dtype, options.int8_range)
 
 
 def activate(x: torch.Tensor, activation: Activation) -> torch.Tensor:

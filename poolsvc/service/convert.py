@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, TypedDict
 import numpy as np
 
 from poolsvc.engine.config import Limits
-from poolsvc.engine.errors import InvalidInputError, UnsupportedError
+from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.images import ImageInput
 from poolsvc.engine.params import (
     OutputDType,
@@ -31,11 +31,19 @@ _DTYPES = {
     tensor_pb2.DATA_TYPE_FLOAT32: OutputDType.FLOAT32,
     tensor_pb2.DATA_TYPE_FLOAT16: OutputDType.FLOAT16,
     tensor_pb2.DATA_TYPE_BFLOAT16: OutputDType.BFLOAT16,
+    tensor_pb2.DATA_TYPE_INT8: OutputDType.INT8,
+    tensor_pb2.DATA_TYPE_UINT8: OutputDType.UINT8,
+    tensor_pb2.DATA_TYPE_BINARY: OutputDType.BINARY,
+    tensor_pb2.DATA_TYPE_UBINARY: OutputDType.UBINARY,
 }
 _WIRE_DTYPES = {
     OutputDType.FLOAT32: tensor_pb2.DATA_TYPE_FLOAT32,
     OutputDType.FLOAT16: tensor_pb2.DATA_TYPE_FLOAT16,
     OutputDType.BFLOAT16: tensor_pb2.DATA_TYPE_BFLOAT16,
+    OutputDType.INT8: tensor_pb2.DATA_TYPE_INT8,
+    OutputDType.UINT8: tensor_pb2.DATA_TYPE_UINT8,
+    OutputDType.BINARY: tensor_pb2.DATA_TYPE_BINARY,
+    OutputDType.UBINARY: tensor_pb2.DATA_TYPE_UBINARY,
 }
 _WIRE_TASKS = {t: common_pb2.Task.Value(f"TASK_{t.name}") for t in Task}
 _TASKS_BY_WIRE = {v: k for k, v in _WIRE_TASKS.items()}
@@ -78,12 +86,9 @@ def output_dtype(value: int) -> OutputDType:
     try:
         return _DTYPES[value]
     except KeyError:
-        pass
-    if value in tensor_pb2.DataType.values():
-        raise UnsupportedError(
-            f"output_dtype {tensor_pb2.DataType.Name(value)} is not produced yet; use "
-            "DATA_TYPE_FLOAT32, DATA_TYPE_FLOAT16 or DATA_TYPE_BFLOAT16")
-    raise InvalidInputError(f"output_dtype {value} is not a DataType")
+        names = ", ".join(tensor_pb2.DataType.Name(v) for v in _WIRE_DTYPES.values())
+        raise InvalidInputError(f"output_dtype {value} is not a DataType; use one of {names}"
+                                ) from None
 
 
 def truncation(request) -> Truncation:

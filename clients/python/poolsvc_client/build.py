@@ -25,21 +25,19 @@ from poolsvc_client.gen.v1 import (
 Text = str | bytes | Sequence[int]  # a text, an encoded image, or token ids
 
 DTYPES = {"float32": tensor_pb2.DATA_TYPE_FLOAT32, "float16": tensor_pb2.DATA_TYPE_FLOAT16,
-          "bfloat16": tensor_pb2.DATA_TYPE_BFLOAT16}
-RESERVED_DTYPES = ("int8", "uint8", "binary")  # in the protocol, not served yet (UNIMPLEMENTED)
+          "bfloat16": tensor_pb2.DATA_TYPE_BFLOAT16, "int8": tensor_pb2.DATA_TYPE_INT8,
+          "uint8": tensor_pb2.DATA_TYPE_UINT8, "binary": tensor_pb2.DATA_TYPE_BINARY,
+          "ubinary": tensor_pb2.DATA_TYPE_UBINARY}
 SIDES = {"right": common_pb2.TRUNCATION_SIDE_RIGHT, "left": common_pb2.TRUNCATION_SIDE_LEFT}
 TASKS = {"token_embed": common_pb2.TASK_TOKEN_EMBED,
          "token_classify": common_pb2.TASK_TOKEN_CLASSIFY, "reward": common_pb2.TASK_REWARD,
          "embed": common_pb2.TASK_EMBED, "classify": common_pb2.TASK_CLASSIFY}
 
 
-def _choice(option: str, value, choices: dict, reserved: Sequence[str] = ()):
+def _choice(option: str, value, choices: dict):
     if isinstance(value, str) and value in choices:
         return choices[value]
     accepted = ", ".join(repr(c) for c in choices)
-    if value in reserved:
-        raise ValueError(f"{option}={value!r} is reserved in the protocol but no server answers "
-                         f"it yet; use one of {accepted}")
     raise ValueError(f"unknown {option}={value!r}; use one of {accepted}")
 
 
@@ -92,7 +90,7 @@ def embed_request(texts: Text | Sequence[Text], *, model: str = "",
     `prompt_name` (a prompt of the model's config) or `prompt` (a literal prefix)."""
     request = embed_pb2.EmbedRequest(
         model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
-        output_dtype=_choice("dtype", dtype, DTYPES, RESERVED_DTYPES))
+        output_dtype=_choice("dtype", dtype, DTYPES))
     if normalize is not None:
         request.normalize = normalize
     if dimensions is not None:
@@ -109,7 +107,7 @@ def classify_request(texts: Text | Sequence[Text], *, model: str = "",
     embed_request."""
     request = classify_pb2.ClassifyRequest(
         model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
-        output_dtype=_choice("dtype", dtype, DTYPES, RESERVED_DTYPES))
+        output_dtype=_choice("dtype", dtype, DTYPES))
     if activation is not None:
         request.activation = activation
     _truncation(request, truncate, truncation_side)
@@ -153,7 +151,7 @@ def encode_request(texts: Text | Sequence[Text], *, model: str = "", task: str |
     model's default task); other options as embed_request and classify_request."""
     request = encode_pb2.EncodeRequest(
         model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
-        output_dtype=_choice("dtype", dtype, DTYPES, RESERVED_DTYPES),
+        output_dtype=_choice("dtype", dtype, DTYPES),
         task=common_pb2.TASK_UNSPECIFIED if task is None else _choice("task", task, TASKS))
     if normalize is not None:
         request.normalize = normalize

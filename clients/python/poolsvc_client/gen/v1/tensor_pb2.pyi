@@ -17,6 +17,7 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATA_TYPE_INT8: _ClassVar[DataType]
     DATA_TYPE_UINT8: _ClassVar[DataType]
     DATA_TYPE_BINARY: _ClassVar[DataType]
+    DATA_TYPE_UBINARY: _ClassVar[DataType]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT16: DataType
@@ -24,6 +25,7 @@ DATA_TYPE_BFLOAT16: DataType
 DATA_TYPE_INT8: DataType
 DATA_TYPE_UINT8: DataType
 DATA_TYPE_BINARY: DataType
+DATA_TYPE_UBINARY: DataType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
