@@ -9,7 +9,16 @@ import grpc
 import numpy as np
 import pytest
 from conftest import TEXTS
-from poolsvc_client import AsyncClient, Client, PoolsvcError, StreamItemError, decode_tensor
+from poolsvc_client import (
+    AsyncClient,
+    Client,
+    PoolsvcError,
+    StreamItemError,
+    channel_options,
+    decode_tensor,
+)
+
+from poolsvc.gen.v1 import embed_pb2, embed_pb2_grpc
 
 
 def test_sync_client(server, st_model):
@@ -192,3 +201,47 @@ def test_async_client_has_every_method(examples_server):
             assert info.value.code == grpc.StatusCode.NOT_FOUND
 
     asyncio.run(scenario())
+
+
+def test_service_config_retries_what_a_closing_server_answers():
+    """The clients' service config retries UNAVAILABLE and the CANCELLED that gRPC's core answers
+    for a call reaching a closing port (grpc/grpc#41785); a call the client cancels is not
+    retried."""
+    attempts = []
+
+    class Closing(embed_pb2_grpc.EmbedServiceServicer):
+        async def Embed(self, request, context):
+            attempts.append(request.model)
+            if len(attempts) == 1:
+                await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+            if len(attempts) == 2:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+            if request.model == "slow":
+                await asyncio.sleep(30)
+            return embed_pb2.EmbedResponse(model=request.model)
+
+    async def main():
+        server = grpc.aio.server()
+        embed_pb2_grpc.add_EmbedServiceServicer_to_server(Closing(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                                 options=channel_options()) as channel:
+                stub = embed_pb2_grpc.EmbedServiceStub(channel)
+                reply = await stub.Embed(embed_pb2.EmbedRequest(model="m"))
+                assert reply.model == "m" and len(attempts) == 3
+                call = stub.Embed(embed_pb2.EmbedRequest(model="slow"))
+                while len(attempts) < 4:
+                    await asyncio.sleep(0.01)
+                call.cancel()
+                try:
+                    await call
+                except asyncio.CancelledError:
+                    pass
+                await asyncio.sleep(0.2)
+                assert len(attempts) == 4  # not retried
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())

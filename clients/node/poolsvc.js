@@ -23,7 +23,7 @@ function loadPoolsvc() {
 }
 
 // Clients for every poolsvc service on one channel, using the documented service config
-// (round_robin, retries of UNAVAILABLE). `apiKey` is sent as a bearer token when given.
+// (round_robin, retries of UNAVAILABLE and of CANCELLED before any answer). `apiKey` is sent as a bearer token when given.
 function connect(address, { credentials = grpc.credentials.createInsecure(), apiKey } = {}) {
   const v1 = loadPoolsvc();
   const options = {

@@ -11,7 +11,9 @@ SERVICE_CONFIG = (resources.files("poolsvc_client") / "service_config.json").rea
 
 def channel_options(max_message_bytes: int = 64 << 20) -> list[tuple[str, object]]:
     """The documented service config (round_robin over every address the name resolves to, and
-    retries of UNAVAILABLE, which a draining or restarting replica answers), plus message size."""
+    retries of UNAVAILABLE, which a draining or restarting replica answers, and of CANCELLED, which
+    gRPC's core answers for a call that reaches a closing port: grpc/grpc#41785), plus message
+    size."""
     return [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
