@@ -188,7 +188,7 @@ def decoder(directory: Path, family: str, task: str = "Model", seed: int = 0, **
     vocab = bpe_tokenizer(directory, "decoder")
     torch.manual_seed(seed)
     config = getattr(transformers, f"{family}Config")(vocab_size=vocab, pad_token_id=1,
-                                                      **DECODER, **config_kw)
+                                                      **{**DECODER, **config_kw})
     model = getattr(transformers, f"{family}{task}")(config).eval()
     _perturb(model)
     model.save_pretrained(directory)

@@ -95,6 +95,11 @@ class PoolerConfig:
     max_embed_len: int | None = None
     # int8 / uint8 outputs: quantize over [-r, r] on every dimension (engine/compact.py).
     quantization_range: float | None = None
+    # LLM rerankers (engine/reranker.py): the false and the true answer token, the prompt
+    # template (a built-in name or a format string) and the instruction it is given.
+    answer_tokens: tuple[str, str] | None = None
+    score_template: str | None = None
+    score_instruction: str | None = None
 
     @classmethod
     def from_json(cls, text: str) -> PoolerConfig:
@@ -120,8 +125,9 @@ class PoolerConfig:
             except KeyError:
                 raise ConfigError(f"pooling_type {name!r} is not one of "
                                   f"{[p.name for p in PoolingType]}") from None
-        if data.get("returned_token_ids") is not None:
-            data["returned_token_ids"] = tuple(data["returned_token_ids"])
+        for key in ("returned_token_ids", "answer_tokens"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
         return cls(**data)
 
     def __post_init__(self):
@@ -133,6 +139,14 @@ class PoolerConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"pooler config {name} must be a positive integer")
+        answers = self.answer_tokens
+        if answers is not None and (len(answers) != 2 or not all(
+                isinstance(a, str) and a for a in answers)):
+            raise ConfigError("pooler config answer_tokens must be two tokens: the false answer, "
+                              'then the true one, e.g. ["no", "yes"]')
+        for name in ("score_template", "score_instruction"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"pooler config {name} must be a string")
         r = self.quantization_range
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0):
             raise ConfigError("pooler config quantization_range must be a positive number")
@@ -229,8 +243,8 @@ class EngineConfig:
     pooler_configs: tuple[PoolerOverride, ...] = option(
         "[NAME=]JSON pooling overrides, e.g. '{\"pooling_type\": \"MEAN\", \"normalize\": false}'; "
         "keys: pooling_type, normalize, activation, step_tag_id, returned_token_ids, "
-        "enable_chunked_processing, max_embed_len, quantization_range. Without NAME it applies "
-        "to every model; "
+        "enable_chunked_processing, max_embed_len, quantization_range, answer_tokens, "
+        "score_template, score_instruction. Without NAME it applies to every model; "
         "repeatable", default=(),
         meta={"flag": "--pooler-config", "repeat": PoolerOverride.parse,
               "metavar": "[NAME=]JSON"})

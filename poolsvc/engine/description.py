@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from poolsvc.engine.config import PoolerConfig
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.params import Activation, PoolingType, Task
+
+if TYPE_CHECKING:
+    from poolsvc.engine.reranker import ScoreTemplate
 
 
 class Kind(enum.Enum):
@@ -50,6 +54,7 @@ class ModelDescription:
     default_prompt_name: str | None = None
     matryoshka_dimensions: tuple[int, ...] = ()
     logit_scale_and_bias: tuple[float, float] | None = None  # dual encoders' logits
+    score_template: ScoreTemplate | None = None  # LLM rerankers: how a pair is written
 
     # --- tasks -----------------------------------------------------------------------------------
 
@@ -65,6 +70,8 @@ class ModelDescription:
             return (Task.EMBED, Task.SCORE)
         if self.kind is Kind.REWARD:
             return (Task.REWARD, Task.TOKEN_CLASSIFY)
+        if self.score_template is not None:  # an LLM reranker scores pairs, as it was prompted
+            return (Task.SCORE,)
         tasks = [Task.CLASSIFY]
         if self.num_labels == 1:
             tasks.append(Task.SCORE)  # a cross-encoder

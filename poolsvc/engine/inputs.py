@@ -43,6 +43,10 @@ def model_inputs(model: ServedModel, request: PoolingRequest, limits: Limits,
             raise InvalidInputError(f"cross-encoder {desc.name} scores text pairs: token-id "
                                     "inputs cannot be paired with the model's separators")
         limit, cut = request.truncation.limit(desc.max_input_tokens, auto_truncate)
+        if desc.score_template is not None:  # an LLM reranker: the pair in its prompt
+            return ModelInputs(model.tokenizer.encode_template(
+                [(request.inputs[q], request.documents[d]) for q, d in pairs],
+                desc.score_template, limit, cut))
         encodings = model.tokenizer.encode_pairs(
             [(request.inputs[q], request.documents[d]) for q, d in pairs], limit, cut,
             request.truncation.side)

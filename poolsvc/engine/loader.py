@@ -4,6 +4,7 @@ and the description the engine serves it by."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from poolsvc.engine.models import ARCHITECTURES, dual, hf_fallback
 from poolsvc.engine.params import PoolingType
 from poolsvc.engine.pooler import DenseHead
 from poolsvc.engine.quantize import quantize_int8
+from poolsvc.engine.reranker import AnswerReranker, answer_rows, reranker_config
 from poolsvc.engine.served import ServedModel
 from poolsvc.engine.tokenizer import TextTokenizer, load_hf_tokenizer
 
@@ -128,6 +130,7 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
     """The model `spec` names, on `device` in `dtype`, ready to serve."""
     path, aliases = resolve(spec.source, allow_pickle)
     files = read_model_files(path, spec.source, aliases)
+    hf_tokenizer = load_hf_tokenizer(files.path, files.lowercase)
     if files.architecture in dual.ARCHITECTURES:
         if quantize != "none":
             raise ModelLoadError(f"{spec.name}: --quantize does not apply to CLIP / SigLIP")
@@ -136,6 +139,11 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
         logit = backend.logit_scale_and_bias()
     else:
         backend, implementation = _build_backend(files, allow_pickle)
+        reranker = reranker_config(files.architecture, spec.source, pooler_config)
+        if reranker is not None:
+            template, answers = reranker
+            backend = AnswerReranker(backend, answer_rows(
+                files.path, files.hf_config, _answer_ids(files, hf_tokenizer, answers)))
         backend = backend.to(device=device, dtype=dtype).eval()
         if quantize == "int8":
             if device.type != "cpu":
@@ -155,8 +163,9 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
     description = _describe(spec, files, backend, dense, pooler_config, is_default=is_default,
                             implementation=implementation, device=device, dtype=dtype,
                             vocab_size=vocab_size, logit=logit, max_model_len=max_model_len)
-    tokenizer = TextTokenizer(load_hf_tokenizer(files.path, files.lowercase), vocab_size,
-                              files.prompts, files.default_prompt_name)
+    if isinstance(backend, AnswerReranker):
+        description = dataclasses.replace(description, score_template=template)
+    tokenizer = TextTokenizer(hf_tokenizer, vocab_size, files.prompts, files.default_prompt_name)
     model = ServedModel(description, backend, dense, tokenizer, device, dtype, use_kernels)
     log.info("loaded %s from %s: %s (%s, %s), %s, %d dims, max %d tokens, %s pooling, %s on %s",
              spec.name, path, files.architecture, description.kind.value, implementation,
@@ -164,6 +173,19 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
              description.max_input_tokens, description.pooling_type.value,
              description.compute_dtype, device)
     return model
+
+
+def _answer_ids(files: ModelFiles, tokenizer, answers: tuple[str, str]) -> tuple[int, int]:
+    """The token ids of an LLM reranker's answers, each of which must be one token."""
+    ids = []
+    for answer in answers:
+        token_id = tokenizer.token_to_id(answer)
+        if token_id is None:
+            raise ModelLoadError(f"{files.path}: the answer token {answer!r} is not one token of "
+                                 "the model's vocabulary; set answer_tokens in the pooler config "
+                                 "(--pooler-config, or LLM(pooler_config=...))")
+        ids.append(token_id)
+    return ids[0], ids[1]
 
 
 def _describe(spec: ModelSpec, files: ModelFiles, backend: Backend, dense: DenseHead | None,

@@ -121,6 +121,32 @@ class TextTokenizer:
                         "shorten it, or enable truncation", option=Option.TRUNCATE)
         return encodings
 
+    def encode_template(self, pairs: Sequence[tuple[str, str]], template, limit: int,
+                        cut: bool) -> list[list[int]]:
+        """Token ids of each pair written into an LLM reranker's template: prefix, pair text and
+        suffix tokenized each on its own, no special tokens added. Over-long pair text is cut
+        from its end (the document's), keeping the template whole, or rejected."""
+        prefix = self._tok.encode(template.prefix, add_special_tokens=False).ids
+        suffix = self._tok.encode(template.suffix, add_special_tokens=False).ids
+        room = limit - len(prefix) - len(suffix)
+        if room < 1:
+            raise InvalidInputError(f"the truncation length {limit} leaves no room for a pair: "
+                                    f"the template takes {limit - room} tokens",
+                                    option=Option.TRUNCATE_LENGTH)
+        texts = [template.pair_text(query, document) for query, document in pairs]
+        out = []
+        for i, enc in enumerate(self._tok.encode_batch_fast(texts, add_special_tokens=False)):
+            ids = enc.ids
+            if len(ids) > room:
+                if not cut:
+                    raise InvalidInputError(
+                        f"pair {i} has {len(ids) + limit - room} tokens in the model's template, "
+                        f"more than the limit of {limit}: shorten it, or enable truncation",
+                        option=Option.TRUNCATE)
+                ids = ids[:room]
+            out.append(prefix + ids + suffix)
+        return out
+
     def check_ids(self, ids: Sequence[int], index: int, limit: int, cut: bool,
                   side: TruncationSide) -> list[int]:
         """Validates pre-tokenized input; truncation cuts the ids as given."""
