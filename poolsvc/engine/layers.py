@@ -76,8 +76,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
         return varlen(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
                       batch.max_seqlen, scale=scale, enable_gqa=gqa,
                       **(causal_kw if causal else {}))
+    buckets = batch.buckets
+    if len(buckets) == 1 and buckets[0].start == 0:  # every row, in order: nothing to scatter
+        return _bucket_attention(q, k, v, buckets[0], causal, scale, gqa)
     out = torch.empty_like(q)
-    for bucket in batch.buckets:
+    for bucket in buckets:
         out.index_copy_(0, bucket.rows, _bucket_attention(q, k, v, bucket, causal, scale, gqa))
     return out
 
@@ -89,7 +92,10 @@ def _bucket_attention(q, k, v, bucket: AttentionBucket, causal: bool, scale: flo
     num_seqs, width, head_dim = bucket.num_seqs, bucket.max_seqlen, q.shape[2]
 
     def pad(x):  # [num_tokens, h, d] -> [num_seqs, h, width, d]
-        rows = x.index_select(0, bucket.rows)
+        if bucket.start is not None:  # a slice, no copy
+            rows = x[bucket.start:bucket.start + bucket.rows.numel()]
+        else:
+            rows = x.index_select(0, bucket.rows)
         if bucket.key_mask is None:  # equal lengths: a reshape, no padding
             return rows.view(num_seqs, width, x.shape[1], head_dim).transpose(1, 2)
         out = x.new_zeros(num_seqs * width, x.shape[1], head_dim)

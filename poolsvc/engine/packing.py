@@ -19,7 +19,9 @@ class AttentionBucket:
 
     `rows` are their packed rows, in bucket order; `pad_index` places those rows in a
     [num_seqs * max_seqlen] block; `key_mask` ([num_seqs, 1, 1, max_seqlen] bool) is None when
-    every sequence has the same length (then there is no padding at all).
+    every sequence has the same length (then there is no padding at all). `start` is set when
+    `rows` are the one range start:start + len(rows) in order (one sequence, or sequences of one
+    length side by side): attention then reads a slice of the packed tensors, no gather.
     """
 
     rows: torch.Tensor
@@ -27,6 +29,7 @@ class AttentionBucket:
     key_mask: torch.Tensor | None
     num_seqs: int
     max_seqlen: int
+    start: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ def _bucket(members: list[int], lens: tuple[int, ...], cu: np.ndarray,
     if any(lens[i] != width for i in members):
         sizes = torch.tensor([lens[i] for i in members])
         key_mask = (torch.arange(width)[None, :] < sizes[:, None])[:, None, None, :].to(device)
+    in_order = all(b == a + 1 for a, b in zip(members, members[1:]))
     return AttentionBucket(rows=torch.from_numpy(rows).to(device),
                            pad_index=torch.from_numpy(pad_index).to(device), key_mask=key_mask,
-                           num_seqs=len(members), max_seqlen=width)
+                           num_seqs=len(members), max_seqlen=width,
+                           start=int(cu[members[0]]) if in_order else None)
