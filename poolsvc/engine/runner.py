@@ -96,7 +96,8 @@ class ModelRunner:
                                           daemon=True),
                          threading.Thread(target=self._run, name="poolsvc-runner", daemon=True)]
 
-    def start(self) -> None:
+    def start(self, threads: int) -> None:
+        self.threads = threads
         for thread in self._threads:
             thread.start()
 
@@ -114,6 +115,7 @@ class ModelRunner:
         self._ready.put(None)
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's OpenMP team: the only one
         while (item := self._ready.get()) is not None:
             batch, packed = item
             # Callers may have given up while the batch waited here: drop their work.

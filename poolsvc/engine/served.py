@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from poolsvc.config import ModelSpec, PoolerConfig
-from poolsvc.engine import fused
+from poolsvc.engine import cpu, fused
 from poolsvc.engine.errors import InvalidInputError, ModelLoadError
 from poolsvc.engine.fused import kernels
 from poolsvc.engine.loader import (
@@ -414,6 +414,9 @@ def load_served_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                                  "or bfloat16")
         quantize_int8(module)
         implementation += "+int8"
+    elif use_kernels and device.type == "cpu" and implementation == "poolsvc" \
+            and cpu.supports(dtype):
+        log.info("%s: %d matrix products on the oneDNN CPU path", spec.name, cpu.optimize(module))
     dense = _load_dense(files.dense, module.hidden_size, allow_pickle)
     if dense is not None:
         dense = dense.to(device=device, dtype=dtype).eval()
