@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 from tiny_models import load_ours  # noqa: E402
 
 from poolsvc.engine import cpu  # noqa: E402
-from poolsvc.engine.layers import varlen_attention  # noqa: E402
+from poolsvc.engine.layers import qkv_attention, varlen_attention  # noqa: E402
 from poolsvc.engine.packing import PackedBatch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu.supports(torch.float32),
@@ -26,11 +26,13 @@ pytestmark = pytest.mark.skipif(not cpu.supports(torch.float32),
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Blocks of 32 rows, so these small batches take the several-block path too."""
+    """Blocks of 32 rows padded from 9 rows on, so these small batches take the several-block
+    and the padded paths too."""
     monkeypatch.setattr(cpu, "ROW_BLOCK", 32)
+    monkeypatch.setattr(cpu, "EXACT_ROWS", 8)
 
 
-def test_blocks_pad_to_a_bounded_set_of_shapes():
+def test_blocks_pad_to_a_bounded_set_of_shapes(monkeypatch):
     seen = []
 
     def fn(x, y):
@@ -40,6 +42,9 @@ def test_blocks_pad_to_a_bounded_set_of_shapes():
     x, y = torch.randn(75, 3), torch.randn(75, 3)
     assert torch.equal(cpu.by_blocks(fn, x, y), x + y)
     assert seen == [32, 32, 16]  # 75 = 32 + 32 + 11, the last padded to a multiple of 16
+    monkeypatch.setattr(cpu, "EXACT_ROWS", 16)
+    assert torch.equal(cpu.by_blocks(fn, x, y), x + y)
+    assert seen[3:] == [32, 32, 11]  # small blocks keep their rows
 
 
 @pytest.mark.parametrize("gelu", [None, "none", "tanh"])
@@ -138,5 +143,7 @@ def test_in_order_buckets_read_slices(lens, causal):
                                        is_causal=causal).transpose(0, 1)
         for a, b in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist())])
     assert (varlen_attention(*qkv, batch, causal=causal) - want).abs().max() <= 1e-5
+    if not causal:  # gathered once for the three
+        assert (qkv_attention(torch.stack(qkv, 1), batch) - want).abs().max() <= 1e-5
     starts = [b.start for b in batch.buckets]
     assert (starts == [0]) == (len(set(lens)) == 1)

@@ -52,6 +52,30 @@ class PackedBatch:
         return tuple(_bucket(members, self.prompt_lens, cu, device)
                      for members in _group_by_length(self.prompt_lens))
 
+    def split(self, max_tokens: int) -> list[PackedBatch]:
+        """Consecutive runs of whole sequences of at most `max_tokens` tokens (a longer sequence
+        alone), as batches of views of this one's tensors; their rows, in order, are this
+        batch's rows."""
+        parts, start, tokens = [], 0, 0
+        for i, n in enumerate(self.prompt_lens):
+            if i > start and tokens + n > max_tokens:
+                parts.append((start, i))
+                start, tokens = i, 0
+            tokens += n
+        if start == 0:
+            return [self]
+        parts.append((start, self.num_seqs))
+        cu = list(accumulate(self.prompt_lens, initial=0))
+        return [self._rows(cu, a, b) for a, b in parts]
+
+    def _rows(self, cu: list[int], first: int, stop: int) -> PackedBatch:
+        rows = slice(cu[first], cu[stop])
+        lens = self.prompt_lens[first:stop]
+        return PackedBatch(input_ids=self.input_ids[rows], positions=self.positions[rows],
+                           token_type_ids=self.token_type_ids[rows],
+                           cu_seqlens=self.cu_seqlens[first:stop + 1] - cu[first],
+                           prompt_lens=lens, max_seqlen=max(lens))
+
     @property
     def num_seqs(self) -> int:
         return len(self.prompt_lens)
