@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif(not cpu.supports(torch.float32),
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Blocks of 32 rows padded from 9 rows on, so these small batches take the several-block
-    and the padded paths too."""
+    """Slices of 40 tokens, blocks of 32 rows padded from 9 rows on, so these small batches
+    take the sliced, several-block and padded paths too."""
+    monkeypatch.setattr(cpu, "SLICE_TOKENS", 40)
     monkeypatch.setattr(cpu, "ROW_BLOCK", 32)
     monkeypatch.setattr(cpu, "EXACT_ROWS", 8)
 
@@ -147,3 +148,17 @@ def test_in_order_buckets_read_slices(lens, causal):
         assert (qkv_attention(torch.stack(qkv, 1), batch) - want).abs().max() <= 1e-5
     starts = [b.start for b in batch.buckets]
     assert (starts == [0]) == (len(set(lens)) == 1)
+
+
+def test_split_and_sort_keep_every_row():
+    batch = PackedBatch.build([[i] * n for i, n in enumerate([5, 30, 2, 17, 40, 3])], None,
+                              torch.device("cpu"))
+    parts = batch.split(35)
+    assert [p.prompt_lens for p in parts] == [(5, 30), (2, 17), (40,), (3,)]
+    assert torch.equal(torch.cat([p.input_ids for p in parts]), batch.input_ids)
+    assert torch.equal(torch.cat([p.positions for p in parts]), batch.positions)
+    assert [p.cu_seqlens.tolist() for p in parts][:2] == [[0, 5, 35], [0, 2, 19]]
+    ordered, rows = batch.by_length()
+    assert ordered.prompt_lens == (2, 3, 5, 17, 30, 40)
+    assert torch.equal(ordered.input_ids[rows], batch.input_ids)
+    assert torch.equal(ordered.positions[rows], batch.positions)

@@ -101,6 +101,20 @@ def _cpu_attention(x, batch: PackedBatch, causal: bool, scale: float,
     return out
 
 
+# CPU flash attention (SDPA) is slow on short float32 sequences: a bucket of 50 sequences of 25
+# tokens took 2.6 ms against 1.6 ms for two matrix products and a softmax (width 50: 1.9 against
+# 1.4 ms); from 100 tokens on, flash wins (2.7 against 3.6 ms).
+SHORT_WIDTH = 64
+
+
+def _short_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for [num_seqs, heads, width, head_dim] inputs."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [num_seqs, heads, width, width]
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float,
                       gqa: bool) -> torch.Tensor:
     """SDPA over one bucket's sequences padded to [num_seqs, heads, max_seqlen, head_dim];
@@ -126,7 +140,10 @@ def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float,
     mask = bucket.key_mask
     if causal and mask is not None:
         mask = mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                         is_causal=causal and mask is None, enable_gqa=gqa)
+    if width <= SHORT_WIDTH and q.dtype is torch.float32 and not causal and not gqa:
+        out = _short_attention(q, k, v, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                             is_causal=causal and mask is None, enable_gqa=gqa)
     out = out.transpose(1, 2).reshape(num_seqs * width, heads, head_dim)
     return out if bucket.key_mask is None else out[bucket.pad_index]

@@ -68,6 +68,25 @@ class PackedBatch:
         cu = list(accumulate(self.prompt_lens, initial=0))
         return [self._rows(cu, a, b) for a, b in parts]
 
+    def by_length(self) -> tuple[PackedBatch, torch.Tensor]:
+        """The same sequences, shortest first, and where each of this batch's rows went:
+        `hidden_sorted[rows]` puts a forward pass's rows back in this batch's order."""
+        lens = np.asarray(self.prompt_lens)
+        order = np.argsort(lens, kind="stable")
+        cu = np.fromiter(accumulate(self.prompt_lens, initial=0), dtype=np.int64)
+        perm = np.concatenate([np.arange(cu[i], cu[i + 1]) for i in order])  # sorted -> ours
+        rows = np.empty_like(perm)
+        rows[perm] = np.arange(perm.size)
+        device = self.input_ids.device
+        perm_t = torch.from_numpy(perm).to(device)
+        sorted_cu = np.fromiter(accumulate(lens[order], initial=0), dtype=np.int32)
+        return (PackedBatch(input_ids=self.input_ids[perm_t], positions=self.positions[perm_t],
+                            token_type_ids=self.token_type_ids[perm_t],
+                            cu_seqlens=torch.from_numpy(sorted_cu).to(device),
+                            prompt_lens=tuple(int(n) for n in lens[order]),
+                            max_seqlen=self.max_seqlen),
+                torch.from_numpy(rows).to(device))
+
     def _rows(self, cu: list[int], first: int, stop: int) -> PackedBatch:
         rows = slice(cu[first], cu[stop])
         lens = self.prompt_lens[first:stop]
