@@ -102,14 +102,18 @@ class Load:
 def test_load_is_correct_and_memory_stays_flat(tmp_path, reference):
     srv = ServerProcess(tmp_path / "server.log").wait_ready()
     try:
+        # The first few thousand requests grow RSS by a bounded amount (per-shape kernel and
+        # allocator state: run for 24,000 requests in process, it levels off after ~7,000), so
+        # three rounds warm up and the next three must stay flat: a request's tensors or
+        # buffers kept alive would add tens of KiB per request.
         rss = []
         total = Load(srv.address, reference, callers=64)
-        for _ in range(3):
+        for _ in range(6):
             asyncio.run(total.run(1000))
             rss.append(rss_kib(srv.proc.pid))
         assert total.failures == [] and total.wrong == 0
-        assert total.ok >= 2400  # results checked (stream items count one each)
-        assert rss[2] <= rss[0] * 1.10, f"RSS grew from {rss[0]} to {rss[2]} KiB"
+        assert total.ok >= 4800  # results checked (stream items count one each)
+        assert rss[5] <= rss[2] * 1.10, f"RSS grew from {rss[2]} to {rss[5]} KiB: {rss}"
     finally:
         assert srv.terminate() == 0
 

@@ -76,7 +76,13 @@ class Engine:
     def start(self) -> None:
         """Loads and warms up every model, then starts the runner (blocking: minutes for big
         models)."""
-        torch.set_num_threads(self.config.threads or os.cpu_count() or 1)
+        threads = self.config.threads or os.cpu_count() or 1
+        # Only the runner thread computes with `threads` threads; loading and warm-up here run
+        # on one. With an OpenMP team on this thread as well, libgomp stops spinning between
+        # parallel regions, and each region of the runner pays a wake-up: a short text's forward
+        # took 5.8 ms instead of 3.5 (docs/benchmarks.md).
+        caller_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         device = resolve_device(self.config.device)
         dtype = resolve_dtype(self.config.dtype, device)
         for i, spec in enumerate(self.config.models):
@@ -97,7 +103,8 @@ class Engine:
             model.warm_up()
             # a first rate, before any traffic: a batch as a backlog would make it
             self._admission.ran(*model.time_one_batch(min(4096, self.config.max_batch_tokens)))
-        self._runner.start()
+        torch.set_num_threads(caller_threads)
+        self._runner.start(threads)
         self.ready = True
 
     def shutdown(self, discard: bool = False) -> None:

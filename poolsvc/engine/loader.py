@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from poolsvc.engine import fused
+from poolsvc.engine import cpu, fused
 from poolsvc.engine.backend import Backend
 from poolsvc.engine.config import (
     BUNDLED_HUB_ID,
@@ -151,6 +151,10 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
                                      "float16 or bfloat16")
             quantize_int8(backend)
             implementation += "+int8"
+        elif use_kernels and device.type == "cpu" and implementation == "poolsvc" \
+                and cpu.supports(dtype):
+            log.info("%s: %d matrix products on the oneDNN CPU path", spec.name,
+                     cpu.optimize(backend))
         vocab_size, logit = int(files.hf_config["vocab_size"]), None
     dense = _load_dense(files.dense, backend.hidden_size, allow_pickle)
     if dense is not None:

@@ -19,7 +19,9 @@ class AttentionBucket:
 
     `rows` are their packed rows, in bucket order; `pad_index` places those rows in a
     [num_seqs * max_seqlen] block; `key_mask` ([num_seqs, 1, 1, max_seqlen] bool) is None when
-    every sequence has the same length (then there is no padding at all).
+    every sequence has the same length (then there is no padding at all). `start` is set when
+    `rows` are the one range start:start + len(rows) in order (one sequence, or sequences of one
+    length side by side): attention then reads a slice of the packed tensors, no gather.
     """
 
     rows: torch.Tensor
@@ -27,6 +29,7 @@ class AttentionBucket:
     key_mask: torch.Tensor | None
     num_seqs: int
     max_seqlen: int
+    start: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,49 @@ class PackedBatch:
         device = self.input_ids.device
         return tuple(_bucket(members, self.prompt_lens, cu, device)
                      for members in _group_by_length(self.prompt_lens))
+
+    def split(self, max_tokens: int) -> list[PackedBatch]:
+        """Consecutive runs of whole sequences of at most `max_tokens` tokens (a longer sequence
+        alone), as batches of views of this one's tensors; their rows, in order, are this
+        batch's rows."""
+        parts, start, tokens = [], 0, 0
+        for i, n in enumerate(self.prompt_lens):
+            if i > start and tokens + n > max_tokens:
+                parts.append((start, i))
+                start, tokens = i, 0
+            tokens += n
+        if start == 0:
+            return [self]
+        parts.append((start, self.num_seqs))
+        cu = list(accumulate(self.prompt_lens, initial=0))
+        return [self._rows(cu, a, b) for a, b in parts]
+
+    def by_length(self) -> tuple[PackedBatch, torch.Tensor]:
+        """The same sequences, shortest first, and where each of this batch's rows went:
+        `hidden_sorted[rows]` puts a forward pass's rows back in this batch's order."""
+        lens = np.asarray(self.prompt_lens)
+        order = np.argsort(lens, kind="stable")
+        cu = np.fromiter(accumulate(self.prompt_lens, initial=0), dtype=np.int64)
+        perm = np.concatenate([np.arange(cu[i], cu[i + 1]) for i in order])  # sorted -> ours
+        rows = np.empty_like(perm)
+        rows[perm] = np.arange(perm.size)
+        device = self.input_ids.device
+        perm_t = torch.from_numpy(perm).to(device)
+        sorted_cu = np.fromiter(accumulate(lens[order], initial=0), dtype=np.int32)
+        return (PackedBatch(input_ids=self.input_ids[perm_t], positions=self.positions[perm_t],
+                            token_type_ids=self.token_type_ids[perm_t],
+                            cu_seqlens=torch.from_numpy(sorted_cu).to(device),
+                            prompt_lens=tuple(int(n) for n in lens[order]),
+                            max_seqlen=self.max_seqlen),
+                torch.from_numpy(rows).to(device))
+
+    def _rows(self, cu: list[int], first: int, stop: int) -> PackedBatch:
+        rows = slice(cu[first], cu[stop])
+        lens = self.prompt_lens[first:stop]
+        return PackedBatch(input_ids=self.input_ids[rows], positions=self.positions[rows],
+                           token_type_ids=self.token_type_ids[rows],
+                           cu_seqlens=self.cu_seqlens[first:stop + 1] - cu[first],
+                           prompt_lens=lens, max_seqlen=max(lens))
 
     @property
     def num_seqs(self) -> int:
@@ -122,6 +168,8 @@ def _bucket(members: list[int], lens: tuple[int, ...], cu: np.ndarray,
     if any(lens[i] != width for i in members):
         sizes = torch.tensor([lens[i] for i in members])
         key_mask = (torch.arange(width)[None, :] < sizes[:, None])[:, None, None, :].to(device)
+    in_order = all(b == a + 1 for a, b in zip(members, members[1:]))
     return AttentionBucket(rows=torch.from_numpy(rows).to(device),
                            pad_index=torch.from_numpy(pad_index).to(device), key_mask=key_mask,
-                           num_seqs=len(members), max_seqlen=width)
+                           num_seqs=len(members), max_seqlen=width,
+                           start=int(cu[members[0]]) if in_order else None)

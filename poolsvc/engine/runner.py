@@ -11,6 +11,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from queue import Queue
 
+import torch
+
 from poolsvc.engine.batcher import next_batch
 from poolsvc.engine.errors import DeadlineExceededError, UnavailableError
 from poolsvc.engine.outputs import build_output
@@ -120,7 +122,8 @@ class ModelRunner:
                          threading.Thread(target=self._finish, name="poolsvc-finisher",
                                           daemon=True)]
 
-    def start(self) -> None:
+    def start(self, threads: int) -> None:
+        self.threads = threads
         for thread in self._threads:
             thread.start()
 
@@ -139,6 +142,7 @@ class ModelRunner:
         self._ready.put(None)
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's OpenMP team: the only one
         while (item := self._ready.get()) is not None:
             model, batch, packed = item
             # Callers may have given up while the batch waited here: drop their work.

@@ -1,0 +1,186 @@
+"""The CPU fast path, as a transform of a built model: `optimize(module)`.
+
+For one short text, MKL's sgemm (F.linear) spends twice as long in a small model's matrix
+products as oneDNN does with weights reordered once (5.0 against 2.6 ms for MiniLM's 24
+products at 11 rows), and for a batch each bias, GELU and residual add is one more pass over the
+activations (docs/benchmarks.md has the profiles). So:
+
+- every linear layer of the body holds its weight reordered once, at load, into oneDNN's
+  blocked layout, and runs through `torch.ops.mkldnn._linear_pointwise` (the op inductor's
+  CPU freezing pass emits), in float32 or bfloat16 (AVX512-BF16 or AMX where the CPU has them);
+- the bias, the GELU and the residual add run inside the matrix product, as oneDNN post-ops;
+- BERT's query, key and value are one matrix product, gathered once per attention bucket;
+- a batch runs in slices of whole sequences of about SLICE_TOKENS tokens (see _in_slices).
+
+The results are the same computation up to float rounding (the tests compare every family with
+its reference with the transform on). The reordered weights are opaque oneDNN tensors: a
+transformed module is for inference only and cannot be saved, copied or moved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from poolsvc.engine.layers import qkv_attention
+from poolsvc.engine.models.bert import BertLayer, BertModel
+from poolsvc.engine.packing import PackedBatch
+
+# Task heads stay as they are: a few rows per batch, and their outputs are the answers.
+_KEEP = ("classifier", "score", "pooler")
+
+_linear = torch.ops.mkldnn._linear_pointwise
+
+# oneDNN builds (about 1 ms) and caches a kernel for each number of rows it sees. Products run on
+# blocks of at most ROW_BLOCK rows (a slice longer than that is one sequence: a decoder's long
+# input); blocks of more than EXACT_ROWS rows are padded to a multiple of ROW_MULTIPLE. That
+# bounds the shapes however the batches vary, so the caches stop growing (memory stays flat)
+# and nearly every call finds its kernel built; small blocks are not padded, since 16 rows cost
+# 18% more than 11 (one short text).
+ROW_BLOCK = 1024
+EXACT_ROWS = 64
+ROW_MULTIPLE = 16
+# Slices of ~1,024 tokens: +5% on queries and +10% on passages against whole batches of ~11,000
+# and ~15,000 tokens (512: -2% and +5%; 2,048: +3% and +7%).
+SLICE_TOKENS = 1024
+
+
+def by_blocks(fn, *inputs: torch.Tensor) -> torch.Tensor:
+    """fn applied to the same blocks of rows of `inputs` ([rows, ...] each), concatenated."""
+    rows = inputs[0].shape[0]
+    if rows > ROW_BLOCK:
+        return torch.cat([by_blocks(fn, *(t[start:start + ROW_BLOCK] for t in inputs))
+                          for start in range(0, rows, ROW_BLOCK)])
+    padding = -rows % ROW_MULTIPLE if rows > EXACT_ROWS else 0
+    if not padding:
+        return fn(*inputs)
+    return fn(*(F.pad(t, (0, 0, 0, padding)) for t in inputs))[:rows]
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether this torch build and CPU run oneDNN linear layers in `dtype`."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype is torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype is torch.float32
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear with its weight in oneDNN's layout; `gelu` ("none": erf, "tanh") fuses a GELU
+    after the bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # An attribute, not a buffer: an opaque oneDNN tensor has no storage to save or copy.
+        # The row count only picks the layout, any number of rows runs; reordered without one,
+        # each new number of rows cost ~0.6 MiB more (a second copy of the weight).
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROW_MULTIPLE)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.attr, self.algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
+
+    @classmethod
+    def of(cls, *linears: nn.Linear, gelu: str | None = None) -> PackedLinear:
+        """One layer for `linears` of the same input, outputs side by side."""
+        weight = torch.cat([lin.weight for lin in linears])  # [sum of out, in]
+        biases = [lin.bias for lin in linears]
+        if all(b is None for b in biases):
+            bias = None
+        else:
+            bias = torch.cat([b if b is not None else weight.new_zeros(lin.out_features)
+                              for b, lin in zip(biases, linears)])
+        return cls(weight, bias, gelu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [rows, in] -> [rows, out]
+        return by_blocks(self._forward, x)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """self(x) + residual, the add inside the product (no GELU)."""
+        return by_blocks(self._add, x, residual)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.packed, self.bias, self.attr, [], self.algorithm)
+
+    def _add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return _linear.binary(x, residual, self.packed, self.bias, "add")
+
+    def extra_repr(self) -> str:
+        fused = f", gelu={self.algorithm!r}" if self.attr == "gelu" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{fused}"
+
+
+class FusedBertLayer(nn.Module):
+    """BertLayer: one [3 * hidden, hidden] product for query, key and value, then attention,
+    then the rest of the layer (output product + residual + LayerNorm, FFN) one block of rows at
+    a time, so a block's [rows, intermediate] activations stay in cache between its products."""
+
+    def __init__(self, layer: BertLayer):
+        super().__init__()
+        attn = layer.attention.self
+        self.num_heads = attn.num_heads
+        self.qkv = PackedLinear.of(attn.query, attn.key, attn.value)
+        self.attention_output = PackedLinear.of(layer.attention.output.dense)
+        self.attention_norm = layer.attention.output.LayerNorm
+        inter = layer.intermediate
+        self.intermediate = PackedLinear.of(inter.dense, gelu=inter.gelu)
+        # activations oneDNN has no post-op for run after the product
+        self.act = None if inter.gelu is not None else inter.act
+        self.output = PackedLinear.of(layer.output.dense)
+        self.output_norm = layer.output.LayerNorm
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1)  # [num_tokens, 3, heads, d]
+        context = qkv_attention(qkv, batch).flatten(1)  # [num_tokens, hidden]
+        return by_blocks(self._after_attention, context, x)
+
+    def _after_attention(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = self.attention_norm(self.attention_output.add(context, x))
+        h = self.intermediate(x)  # [rows, intermediate]
+        if self.act is not None:
+            h = self.act(h)
+        return self.output_norm(self.output.add(h, x))
+
+
+def optimize(module: nn.Module) -> int:
+    """Switches `module`'s body to the CPU fast path in place; returns how many matrix products
+    it runs through oneDNN. The module must already be on the CPU in its serving dtype."""
+    module.forward = _in_slices(module.forward)
+    count = 0
+    if isinstance(module, BertModel):  # RoBERTa and XLM-R too: the same layers
+        layers = module.encoder.layer
+        for i, layer in enumerate(layers):
+            layers[i] = FusedBertLayer(layer)
+            count += 4
+    return count + _pack_linears(module)
+
+
+def _in_slices(forward):
+    """The model's forward over a batch cut into slices of whole sequences of about SLICE_TOKENS
+    tokens, one after the other: every activation of a slice fits in cache, and no tensor of a
+    big batch is large enough to be mapped fresh from the OS (page faults) at every layer.
+    Sequences never span slices, so the rows are the same. Slices take the sequences by length,
+    so each has one or two attention buckets (+4% on queries, in the batch's order rows alike)."""
+
+    def run(batch: PackedBatch) -> torch.Tensor:
+        if batch.pixel_values is not None or len(batch.split(SLICE_TOKENS)) == 1:
+            return forward(batch)
+        ordered, rows = batch.by_length()
+        hidden = torch.cat([forward(part) for part in ordered.split(SLICE_TOKENS)])
+        return hidden[rows]  # [num_tokens, hidden], in the batch's order
+
+    return run
+
+
+def _pack_linears(module: nn.Module) -> int:
+    count = 0
+    for name, child in module.named_children():
+        if name in _KEEP:
+            continue
+        if isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear.of(child))
+            count += 1
+        else:
+            count += _pack_linears(child)
+    return count
