@@ -273,3 +273,29 @@ def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> byt
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format=fmt)
     return out.getvalue()
+
+
+def splade(directory: Path, minilm_path: Path, layout: str = "sparse-encoder",
+           strategy: str = "max", activation: str = "relu", seed: int = 0) -> Path:
+    """A tiny random BERT masked LM with MiniLM's vocabulary: saved by sentence-transformers as a
+    SparseEncoder (MLMTransformer + SpladePooling) with `layout="sparse-encoder"`, or as the plain
+    transformers checkpoint with `layout="mlm"`."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=96, max_position_embeddings=128)
+    model = BertForMaskedLM(config).eval()
+    _perturb(model)
+    mlm = directory / "mlm" if layout == "sparse-encoder" else directory
+    mlm.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(mlm)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_path / name, mlm / name)
+    if layout == "mlm":
+        return directory
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+    SparseEncoder(modules=[MLMTransformer(str(mlm)), SpladePooling(strategy, activation)],
+                  device="cpu").save(str(directory / "st"))
+    return directory / "st"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from poolsvc.engine.config import PoolerConfig
 from poolsvc.engine.errors import InvalidInputError
-from poolsvc.engine.params import Activation, PoolingType, Task
+from poolsvc.engine.params import Activation, PoolingType, Splade, Task
 
 if TYPE_CHECKING:
     from poolsvc.engine.reranker import ScoreTemplate
@@ -21,6 +21,7 @@ class Kind(enum.Enum):
     DUAL_ENCODER = "dual-encoder"  # CLIP / SigLIP: text and image towers into one space
     CLASSIFIER = "classifier"      # a head on one pooled row per sequence
     REWARD = "reward"              # a head on every token
+    SPARSE = "sparse"              # a masked LM's vocabulary logits per token, SPLADE-pooled
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class ModelDescription:
     matryoshka_dimensions: tuple[int, ...] = ()
     logit_scale_and_bias: tuple[float, float] | None = None  # dual encoders' logits
     score_template: ScoreTemplate | None = None  # LLM rerankers: how a pair is written
+    splade: Splade | None = None   # sparse models: the SPLADE pooling's strategy and activation
 
     # --- tasks -----------------------------------------------------------------------------------
 
@@ -70,6 +72,8 @@ class ModelDescription:
             return (Task.EMBED, Task.SCORE)
         if self.kind is Kind.REWARD:
             return (Task.REWARD, Task.TOKEN_CLASSIFY)
+        if self.kind is Kind.SPARSE:
+            return (Task.EMBED,)  # sparse vectors over the vocabulary
         if self.score_template is not None:  # an LLM reranker scores pairs, as it was prompted
             return (Task.SCORE,)
         tasks = [Task.CLASSIFY]
@@ -119,6 +123,8 @@ class ModelDescription:
             return self.token_pooling
         if self.kind is Kind.DUAL_ENCODER:
             return PoolingType.CLS  # the towers pool themselves (CLIP: end-of-text, class token)
+        if self.kind is Kind.SPARSE:
+            return PoolingType.SPLADE
         configured = self.pooler_config.pooling_type
         if configured is not None and not configured.per_token:
             return configured
@@ -141,6 +147,8 @@ class ModelDescription:
 
     @property
     def normalize_default(self) -> bool:
+        if self.kind is Kind.SPARSE:
+            return False  # weights over the vocabulary, as SparseEncoder gives them
         configured = self.pooler_config.normalize
         return self.st_normalize if configured is None else configured
 

@@ -172,7 +172,9 @@ class Engine:
         state = Request(request, model.name, options, inputs.token_ids, inputs.token_type_ids,
                         inputs.pixels, desc.image_tokens,
                         chunk_size=desc.chunk_size if request.task is Task.EMBED else None,
-                        labels=desc.labels, pairs=pairs, logit=logit)
+                        labels=desc.labels, pairs=pairs, logit=logit,
+                        token_strings=model.tokenizer.token_strings
+                        if request.sparse.return_tokens else None)
         limit = self.limits.max_response_bytes
         if limit is not None and (size := response_bytes(state, desc)) > limit:
             raise OverloadedError(

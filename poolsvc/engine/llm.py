@@ -25,8 +25,8 @@ from poolsvc.engine.config import (
 from poolsvc.engine.engine import Engine
 from poolsvc.engine.errors import EngineError, Option
 from poolsvc.engine.images import ImageInput
-from poolsvc.engine.outputs import Output
-from poolsvc.engine.params import PoolingParams, PromptOptions, Task, Truncation
+from poolsvc.engine.outputs import Output, SparseEmbedOutput, SparseVector
+from poolsvc.engine.params import PoolingParams, PromptOptions, SparseOptions, Task, Truncation
 from poolsvc.engine.request import PoolingRequest, Prompt
 
 _ids = itertools.count()
@@ -55,6 +55,9 @@ class PoolingOutput:
 @dataclass(frozen=True)
 class EmbeddingOutput:
     embedding: list[float]
+    # Sparse (SPLADE) models: the non-zero weights, largest first; `embedding` is then the full
+    # vector over the vocabulary, as sentence-transformers' SparseEncoder.encode gives it.
+    sparse: SparseVector | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -138,14 +141,16 @@ class LLM:
 
     def embed(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
               prompt_name: str = "", tokenization_kwargs: dict | None = None,
-              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+              use_tqdm: bool = False, sparse_top_k: int = 0,
+              return_tokens: bool = False) -> list[EmbeddingRequestOutput]:
         """One output per prompt, in order. A prompt is a string, {"prompt": str}, or
         {"prompt_token_ids": [...]}. `truncate_prompt_tokens`: k keeps k tokens, -1 the model's
-        maximum; None rejects over-long prompts."""
+        maximum; None rejects over-long prompts. Sparse models: `sparse_top_k` keeps the k
+        largest weights, `return_tokens` adds the tokens' strings (`outputs.sparse`)."""
         outs = self._run(Task.EMBED, prompts, pooling_params, truncate_prompt_tokens,
-                         tokenization_kwargs, use_tqdm, prompt=PromptOptions(name=prompt_name))
-        return _wrap(EmbeddingRequestOutput, outs,
-                     lambda o: [EmbeddingOutput(row.tolist()) for row in o.embeddings])
+                         tokenization_kwargs, use_tqdm, prompt=PromptOptions(name=prompt_name),
+                         sparse=SparseOptions(sparse_top_k, return_tokens))
+        return _wrap(EmbeddingRequestOutput, outs, _embeddings)
 
     def classify(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
                  tokenization_kwargs: dict | None = None,
@@ -194,8 +199,8 @@ class LLM:
 
     def _run(self, task: Task, prompts, pooling_params, truncate_prompt_tokens: int | None,
              tokenization_kwargs: dict | None, use_tqdm: bool, *, documents=None,
-             prompt: PromptOptions = PromptOptions(), raw: bool = False
-             ) -> list[tuple[Output, list[int]]]:
+             prompt: PromptOptions = PromptOptions(), raw: bool = False,
+             sparse: SparseOptions = SparseOptions()) -> list[tuple[Output, list[int]]]:
         """Submits the call as requests of at most _SLICE prompts (or pairs) sharing their
         PoolingParams, all at once; returns each request's output with the positions, in the
         call, of the prompts (or pairs) it answers."""
@@ -209,7 +214,8 @@ class LLM:
             truncation = _truncation(truncate_prompt_tokens, group, tokenization_kwargs)
             for queries, docs_slice, places in _slices(inputs, docs, members):
                 requests.append(PoolingRequest(task, queries, docs_slice, params=group,
-                                               truncation=truncation, prompt=prompt, raw=raw))
+                                               truncation=truncation, prompt=prompt, raw=raw,
+                                               sparse=sparse))
                 positions.append(places)
         try:
             futures = [self.engine.submit(r) for r in requests]
@@ -222,6 +228,12 @@ class LLM:
                     future.result()
                     bar.update(len(places))
         return [(f.result(), places) for f, places in zip(futures, positions)]
+
+
+def _embeddings(out: Output) -> list[EmbeddingOutput]:
+    if isinstance(out, SparseEmbedOutput):
+        return [EmbeddingOutput(v.dense(out.vocab_size).tolist(), v) for v in out.vectors]
+    return [EmbeddingOutput(row.tolist()) for row in out.embeddings]
 
 
 def _vllm_arguments(kwargs: dict) -> dict:

@@ -22,8 +22,8 @@ from poolsvc.engine.config import (
 from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.errors import ModelLoadError
 from poolsvc.engine.model_files import DenseSpec, ModelFiles, read_model_files
-from poolsvc.engine.models import ARCHITECTURES, dual, hf_fallback
-from poolsvc.engine.params import PoolingType
+from poolsvc.engine.models import ARCHITECTURES, SPARSE_ARCHITECTURES, dual, hf_fallback
+from poolsvc.engine.params import PoolingType, Splade
 from poolsvc.engine.pooler import DenseHead
 from poolsvc.engine.quantize import quantize_int8
 from poolsvc.engine.reranker import AnswerReranker, answer_rows, reranker_config
@@ -138,7 +138,8 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
         vocab_size, implementation = backend.model.config.text_config.vocab_size, "transformers"
         logit = backend.logit_scale_and_bias()
     else:
-        backend, implementation = _build_backend(files, allow_pickle)
+        backend, implementation = _build_backend(files, allow_pickle, _splade(files,
+                                                                              pooler_config))
         reranker = reranker_config(files.architecture, spec.source, pooler_config)
         if reranker is not None:
             template, answers = reranker
@@ -210,7 +211,8 @@ def _describe(spec: ModelSpec, files: ModelFiles, backend: Backend, dense: Dense
         source=files.source, is_default=is_default, kind=backend.kind,
         architecture=files.architecture, implementation=implementation, device=str(device),
         compute_dtype=str(dtype).removeprefix("torch."), hidden_size=backend.hidden_size,
-        embed_dimensions=dense.out_features if dense is not None else backend.hidden_size,
+        embed_dimensions=vocab_size if backend.kind is Kind.SPARSE else
+        dense.out_features if dense is not None else backend.hidden_size,
         has_dense=dense is not None, max_input_tokens=max_tokens, vocab_size=vocab_size,
         modalities=backend.modalities, image_tokens=backend.image_tokens,
         uses_token_types=int(files.hf_config.get("type_vocab_size", 0) or 0) > 1,
@@ -219,7 +221,8 @@ def _describe(spec: ModelSpec, files: ModelFiles, backend: Backend, dense: Dense
         problem_type=files.hf_config.get("problem_type"),
         score_activation=files.score_activation, pooler_config=pooler_config,
         prompts=files.prompts, default_prompt_name=files.default_prompt_name,
-        matryoshka_dimensions=files.matryoshka_dimensions, logit_scale_and_bias=logit)
+        matryoshka_dimensions=files.matryoshka_dimensions, logit_scale_and_bias=logit,
+        splade=_splade(files, pooler_config) if backend.kind is Kind.SPARSE else None)
 
 
 def _load_dense(specs: tuple[DenseSpec, ...], hidden_size: int,
@@ -244,9 +247,26 @@ def _load_dense(specs: tuple[DenseSpec, ...], hidden_size: int,
     return DenseHead(layers)
 
 
-def _build_backend(files: ModelFiles, allow_pickle: bool) -> tuple[Backend, str]:
+def _splade(files: ModelFiles, pooler_config: PoolerConfig) -> Splade | None:
+    """The SPLADE pooling a model is served with: its SparseEncoder files' SpladePooling, or
+    --pooler-config pooling_type SPLADE (max of log(1 + relu)); None for dense models."""
+    if pooler_config.pooling_type is PoolingType.SPLADE:
+        return files.splade or Splade()
+    return files.splade
+
+
+def _build_backend(files: ModelFiles, allow_pickle: bool,
+                   splade: Splade | None = None) -> tuple[Backend, str]:
     """(backend on the CPU with its weights, implementation name)."""
-    entry = ARCHITECTURES.get(files.architecture)
+    if splade is not None:
+        entry = SPARSE_ARCHITECTURES.get(files.architecture)
+        if entry is None:
+            raise ModelLoadError(
+                f"{files.path}: SPLADE pooling needs a masked-LM checkpoint of "
+                f"{', '.join(SPARSE_ARCHITECTURES)}; {files.architecture or 'this model'} is not "
+                "one")
+    else:
+        entry = ARCHITECTURES.get(files.architecture)
     if entry is None:
         return hf_fallback.load(files, allow_pickle), "transformers"
     module_file, class_name = entry

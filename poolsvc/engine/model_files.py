@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from poolsvc.engine.errors import ModelLoadError
-from poolsvc.engine.params import Activation, PoolingType
+from poolsvc.engine.params import Activation, PoolingType, Splade
 
 # Sentence-Transformers pooling mode names (`pooling_mode`) and their legacy boolean keys.
 _ST_POOLING_MODES = {
@@ -28,7 +28,7 @@ _ST_LEGACY_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
 }
-_ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+_ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize", "MLMTransformer", "SpladePooling")
 # torch activation classes named in Sentence-Transformers configs.
 _TORCH_ACTIVATIONS = {
     "Identity": Activation.IDENTITY,
@@ -71,6 +71,8 @@ class ModelFiles:
     matryoshka_dimensions: tuple[int, ...] = ()
     # A CrossEncoder's configured activation (config.json "sentence_transformers.activation_fn").
     score_activation: Activation | None = None
+    # A SparseEncoder's SpladePooling module (pooling_type is then SPLADE).
+    splade: Splade | None = None
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -96,9 +98,10 @@ def read_model_files(path: Path, source: str, aliases: tuple[str, ...]) -> Model
     cross_encoder = st_cfg.get("model_type") == "CrossEncoder" or \
         architecture.endswith("ForSequenceClassification")
     pooling, normalize, dense = None, True, ()  # no Sentence-Transformers files: the defaults
+    splade = None
     modules = _read_json(path / "modules.json")
     if modules is not None:
-        pooling, normalize, dense = _read_st_modules(path, modules, cross_encoder)
+        pooling, normalize, dense, splade = _read_st_modules(path, modules, cross_encoder)
     prompts = st_cfg.get("prompts") or {}
     default_prompt = st_cfg.get("default_prompt_name") or None
     if default_prompt is not None and default_prompt not in prompts:
@@ -111,7 +114,7 @@ def read_model_files(path: Path, source: str, aliases: tuple[str, ...]) -> Model
         lowercase=bool(bert_cfg.get("do_lower_case", False)), prompts=dict(prompts),
         default_prompt_name=default_prompt,
         matryoshka_dimensions=tuple(sorted(int(d) for d in matryoshka)),
-        score_activation=_cross_encoder_activation(path, hf_config, st_cfg))
+        score_activation=_cross_encoder_activation(path, hf_config, st_cfg), splade=splade)
 
 
 def _torch_activation(path: Path, name: str) -> Activation:
@@ -138,8 +141,8 @@ def _tokenizer_max_length(path: Path) -> int | None:
 
 
 def _read_st_modules(path: Path, modules: list, cross_encoder: bool
-                     ) -> tuple[PoolingType | None, bool, tuple[DenseSpec, ...]]:
-    pooling, normalize, dense = None, False, []
+                     ) -> tuple[PoolingType | None, bool, tuple[DenseSpec, ...], Splade | None]:
+    pooling, normalize, dense, splade = None, False, [], None
     for module in modules:
         kind = module.get("type", "").rsplit(".", 1)[-1]
         directory = path / module.get("path", "")
@@ -147,10 +150,12 @@ def _read_st_modules(path: Path, modules: list, cross_encoder: bool
             raise ModelLoadError(
                 f"{path}: Sentence-Transformers module {module.get('type')!r} is not supported "
                 f"(supported: {', '.join(_ST_MODULES)})")
-        if kind == "Transformer" and module.get("path", "") not in ("", "."):
+        if kind in ("Transformer", "MLMTransformer") and module.get("path", "") not in ("", "."):
             raise ModelLoadError(f"{path}: the Transformer module must be the directory itself")
         if kind == "Pooling":
             pooling = _read_st_pooling(directory)
+        elif kind == "SpladePooling":
+            pooling, splade = PoolingType.SPLADE, _read_st_splade(directory)
         elif kind == "Dense":
             if pooling is None or normalize:
                 raise ModelLoadError(f"{path}: a Dense module must come after Pooling and before "
@@ -159,7 +164,18 @@ def _read_st_modules(path: Path, modules: list, cross_encoder: bool
         normalize = normalize or kind == "Normalize"
     if pooling is None and not cross_encoder:  # a cross-encoder's head reads the tokens
         raise ModelLoadError(f"{path}: modules.json has no Pooling module")
-    return pooling, normalize, tuple(dense)
+    return pooling, normalize, tuple(dense), splade
+
+
+def _read_st_splade(directory: Path) -> Splade:
+    config = _read_json(directory / "config.json") or {}
+    splade = Splade(config.get("pooling_strategy", "max"),
+                    config.get("activation_function", "relu"))
+    if splade.strategy not in ("max", "sum") or splade.activation not in ("relu", "log1p_relu"):
+        raise ModelLoadError(f"{directory}: SpladePooling {splade.strategy!r} with "
+                             f"{splade.activation!r} is not supported (max or sum; relu or "
+                             "log1p_relu)")
+    return splade
 
 
 def _read_st_dense(directory: Path) -> DenseSpec:

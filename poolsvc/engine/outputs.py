@@ -5,6 +5,7 @@ Runs on the finisher thread, while the device runs the next batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from poolsvc.engine import compact
 from poolsvc.engine.description import ModelDescription
-from poolsvc.engine.params import OutputDType, Task, Timing
+from poolsvc.engine.params import OutputDType, PoolingType, Task, Timing
 from poolsvc.engine.pooler import finish_rows
 from poolsvc.engine.request import now_ns
 from poolsvc.engine.state import Request
@@ -43,6 +44,32 @@ class Output:
 class EmbedOutput(Output):
     embeddings: np.ndarray          # [num_inputs, dimensions] in `dtype`
     dtype: OutputDType
+    is_sparse: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class SparseVector:
+    """A sparse embedding: its non-zero weights, largest first, and their token ids (and the
+    tokens' strings, when asked for)."""
+
+    token_ids: np.ndarray           # [nnz] int32
+    weights: np.ndarray             # [nnz] float32
+    tokens: list[str] | None = None
+
+    def dense(self, size: int) -> np.ndarray:
+        """The full vector over a vocabulary of `size` tokens, float32."""
+        out = np.zeros(size, dtype=np.float32)
+        out[self.token_ids] = self.weights
+        return out
+
+
+@dataclass(frozen=True)
+class SparseEmbedOutput(Output):
+    """What Embed gives on a sparse model, in place of an EmbedOutput."""
+
+    vectors: list[SparseVector]     # per input
+    vocab_size: int
+    is_sparse: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -73,6 +100,10 @@ def response_bytes(req: Request, model: ModelDescription) -> int:
     options, task = req.options, req.call.task
     if task is Task.SCORE:
         return (4 + _OVERHEAD_PER_OUTPUT) * max(len(req.pairs), len(req.token_ids))
+    if options.method is PoolingType.SPLADE:  # (id, weight) pairs, and maybe the strings
+        entries = min(req.call.sparse.top_k or model.vocab_size, model.vocab_size)
+        per_entry = 8 + (24 if req.call.sparse.return_tokens else 0)
+        return len(req.token_ids) * (entries * per_entry + _OVERHEAD_PER_OUTPUT)
     if task is Task.EMBED:
         width = options.dimensions or model.embed_dimensions
     elif task is Task.TOKEN_EMBED:
@@ -92,6 +123,9 @@ def build_output(req: Request) -> Output:
     common = dict(model=req.model_name, token_ids=req.token_ids, timing=req.timing(now_ns()))
     if task is Task.SCORE:
         return _score(req, rows, common)
+    if options.method is PoolingType.SPLADE:
+        return SparseEmbedOutput(vectors=[_sparse(r, req) for r in rows],
+                                 vocab_size=rows[0].shape[-1], **common)
     dtype = options.out_dtype
     if req.call.raw:
         return EncodeOutput(task=task, outputs=[to_numpy(r, dtype) for r in rows], dtype=dtype,
@@ -102,6 +136,18 @@ def build_output(req: Request) -> Output:
     if task is Task.CLASSIFY:
         return ClassifyOutput(probs=stacked, dtype=dtype, labels=list(req.labels), **common)
     raise ValueError(f"{task.value} has no output of its own; it is served through Encode")
+
+
+def _sparse(row: torch.Tensor, req: Request) -> SparseVector:
+    """A row of vocabulary weights as its non-zero entries, largest first (ties: lower id
+    first), cut to the request's top_k."""
+    weights = row.float().numpy()
+    ids = np.flatnonzero(weights)
+    ids = ids[np.argsort(-weights[ids], kind="stable")]
+    if req.call.sparse.top_k:
+        ids = ids[:req.call.sparse.top_k]
+    tokens = req.token_strings(ids) if req.token_strings is not None else None
+    return SparseVector(ids.astype(np.int32), weights[ids].astype(np.float32), tokens)
 
 
 def _score(req: Request, rows: list[torch.Tensor], common: dict) -> ScoreOutput:

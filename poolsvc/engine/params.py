@@ -30,10 +30,39 @@ class PoolingType(enum.Enum):
     MAX = "MAX"
     WEIGHTED_MEAN = "WEIGHTED_MEAN"
     MEAN_SQRT_LEN = "MEAN_SQRT_LEN"
+    # Sparse lexical vectors: a masked LM's logits per token, log(1 + relu), max over tokens.
+    SPLADE = "SPLADE"
 
     @property
     def per_token(self) -> bool:
         return self in (PoolingType.ALL, PoolingType.STEP)
+
+
+@dataclass(frozen=True)
+class Splade:
+    """Sentence-Transformers' SpladePooling: `strategy` "max" (SPLADE v2+) or "sum" over the
+    tokens of log(1 + relu(logits)); `activation` "log1p_relu" applies log1p once more."""
+
+    strategy: str = "max"
+    activation: str = "relu"
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """How a sparse model's vectors are delivered: the `top_k` largest weights (0: every non-zero
+    one), and the tokens' strings beside their ids if `return_tokens`."""
+
+    top_k: int = 0
+    return_tokens: bool = False
+
+    def __post_init__(self):
+        if self.top_k < 0:
+            raise InvalidInputError(f"sparse_top_k must be 0 (every non-zero weight) or more; "
+                                    f"got {self.top_k}")
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.top_k) or self.return_tokens
 
 
 class Activation(enum.Enum):

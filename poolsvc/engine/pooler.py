@@ -22,7 +22,7 @@ from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.fused import kernels
 from poolsvc.engine.packing import PackedBatch
-from poolsvc.engine.params import Activation, OutputDType, PoolingType, Task
+from poolsvc.engine.params import Activation, OutputDType, PoolingType, Splade, Task
 from poolsvc.engine.request import PoolingRequest
 
 # Sequence methods the Triton pooling kernel implements (with dimensions, normalize, dtype).
@@ -49,6 +49,7 @@ class PoolerOptions:
     int8_range: float | None = None  # int8 / uint8 outputs: quantized over [-r, r]
     step_tag_id: int | None = None
     returned_token_ids: tuple[int, ...] | None = None
+    splade: Splade | None = None  # SPLADE: its strategy and activation
 
     def for_chunks(self) -> PoolerOptions:
         """What each chunk of a chunked input is pooled with: raw float32 rows, so their
@@ -88,6 +89,12 @@ def options_for(request: PoolingRequest, model: ModelDescription) -> PoolerOptio
     if params.out_dtype.compact and not vectors:
         raise InvalidInputError(f"output_dtype {params.out_dtype.value} applies to embeddings "
                                 f"(embed, token_embed), not to {_what(request, model)}")
+    if model.kind is Kind.SPARSE:
+        return _sparse_options(request, model)
+    if request.sparse.requested:
+        field = "sparse_top_k" if request.sparse.top_k else "return_tokens"
+        raise InvalidInputError(f"{field} applies to sparse models (SPLADE); {model.name} is "
+                                f"{model.kind.value}: leave it unset")
     if task is Task.EMBED or (task is Task.SCORE and model.scores_by_cosine):
         model.check_dimensions(params.dimensions)
         normalize = True if task is Task.SCORE else \
@@ -108,6 +115,19 @@ def options_for(request: PoolingRequest, model: ModelDescription) -> PoolerOptio
                              out_dtype=params.out_dtype, step_tag_id=model.step_tag_id,
                              returned_token_ids=model.returned_token_ids)
     return PoolerOptions(model.pooling_type, Head.MODEL, activation, out_dtype=params.out_dtype)
+
+
+def _sparse_options(request: PoolingRequest, model: ModelDescription) -> PoolerOptions:
+    """A sparse model's embedding: the non-zero weights over its vocabulary, in float32."""
+    params = request.params
+    for name in ("normalize", "dimensions"):
+        if getattr(params, name) is not None:
+            raise InvalidInputError(f"{name} does not apply to sparse model {model.name} (its "
+                                    "vectors are weights over the vocabulary); leave it unset")
+    if params.out_dtype is not OutputDType.FLOAT32:
+        raise InvalidInputError(f"output_dtype {params.out_dtype.value} does not apply to sparse "
+                                f"model {model.name}: its weights are float32; leave it unset")
+    return PoolerOptions(PoolingType.SPLADE, Head.MODEL, splade=model.splade)
 
 
 def _int8_range(dtype: OutputDType, normalize: bool, width: int,
@@ -150,6 +170,8 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, index: torch.Tensor | None,
     """The sequences `index` of the batch (None: all), pooled with `options`: rows [n, D] in the
     output dtype, one per sequence, or for per-token methods the rows of every kept token and
     how many belong to each sequence."""
+    if options.method is PoolingType.SPLADE:
+        return splade_rows(hidden, batch.cu_seqlens, index, head, options.splade), None
     if options.method.per_token:
         rows, counts = token_rows(options.method, hidden, batch, index, options.step_tag_id)
     elif use_kernel and options.method in _KERNEL_METHODS and head is None:
@@ -223,6 +245,30 @@ def sequence_rows(method: PoolingType, hidden: torch.Tensor, cu_seqlens: torch.T
             cu_seqlens[:-1].long()[seq]  # [num_tokens] 1-based position in its sequence
         return _segment_sum(hidden, cu_seqlens, weights.float()) / (lengths * (lengths + 1) / 2)
     raise ValueError(f"{method} is not a sequence pooling method")
+
+
+# Tokens whose vocabulary logits are computed at once: 256 x 30,522 float32 logits are 31 MiB.
+SPLADE_TOKENS = 256
+
+
+def splade_rows(hidden: torch.Tensor, cu_seqlens: torch.Tensor, index: torch.Tensor | None,
+                head: Callable[[torch.Tensor], torch.Tensor], splade: Splade) -> torch.Tensor:
+    """SPLADE: log(1 + relu(logits)) of every token (log1p once more for "log1p_relu"), max or
+    summed over each sequence's tokens: [n, vocab] float32. The logits are made SPLADE_TOKENS
+    tokens at a time, so a batch never holds [num_tokens, vocab] at once."""
+    if index is not None:
+        hidden, cu_seqlens = _select(hidden, cu_seqlens, index)
+    seq = _seq_of_token(cu_seqlens, hidden.shape[0])
+    out = None
+    for start in range(0, hidden.shape[0], SPLADE_TOKENS):
+        weights = torch.log1p(torch.relu(head(hidden[start:start + SPLADE_TOKENS]).float()))
+        if splade.activation == "log1p_relu":
+            weights = torch.log1p(weights)
+        if out is None:  # every weight is >= 0, so 0 is the identity of both reductions
+            out = weights.new_zeros(cu_seqlens.numel() - 1, weights.shape[1])
+        rows = seq[start:start + SPLADE_TOKENS][:, None].expand_as(weights)
+        out.scatter_reduce_(0, rows, weights, reduce="amax" if splade.strategy == "max" else "sum")
+    return out
 
 
 def token_rows(method: PoolingType, hidden: torch.Tensor, batch: PackedBatch,

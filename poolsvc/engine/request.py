@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.images import ImageInput
-from poolsvc.engine.params import PoolingParams, PromptOptions, Task, Truncation
+from poolsvc.engine.params import PoolingParams, PromptOptions, SparseOptions, Task, Truncation
 
 # An input is text, token ids from the model's tokenizer, or an image (image models).
 Prompt = str | Seq[int] | ImageInput
@@ -36,6 +36,7 @@ class PoolingRequest:
     truncation: Truncation = Truncation()
     prompt: PromptOptions = PromptOptions()
     raw: bool = False
+    sparse: SparseOptions = SparseOptions()  # sparse models' embeddings: top_k, token strings
     arrival_ns: int = field(default_factory=now_ns)
     deadline_ns: int | None = None
 

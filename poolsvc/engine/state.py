@@ -4,6 +4,7 @@ the batcher packs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class Request:
     labels: tuple[str, ...] = ()
     pairs: tuple[tuple[int, int], ...] = ()
     logit: tuple[float, float] | None = None
+    token_strings: Callable[[Any], list[str]] | None = None  # sparse models: return_tokens
     tokenized_ns: int = field(default_factory=now_ns)
     started_ns: int = 0
     future: Future = field(default_factory=Future)

@@ -121,6 +121,10 @@ class TextTokenizer:
                         "shorten it, or enable truncation", option=Option.TRUNCATE)
         return encodings
 
+    def token_strings(self, ids) -> list[str]:
+        """The vocabulary's string of each token id."""
+        return [self._tok.id_to_token(int(i)) for i in ids]
+
     def encode_template(self, pairs: Sequence[tuple[str, str]], template, limit: int,
                         cut: bool) -> list[list[int]]:
         """Token ids of each pair written into an LLM reranker's template: prefix, pair text and

@@ -15,6 +15,7 @@ from poolsvc.engine.params import (
     OutputDType,
     PoolingParams,
     PromptOptions,
+    SparseOptions,
     Task,
     Timing,
     Truncation,
@@ -23,7 +24,14 @@ from poolsvc.engine.params import (
 from poolsvc.engine.request import PoolingRequest, Prompt
 
 if TYPE_CHECKING:  # the outputs module pulls in torch; only their types are needed here
-    from poolsvc.engine.outputs import ClassifyOutput, EmbedOutput, EncodeOutput, ScoreOutput
+    from poolsvc.engine.outputs import (
+        ClassifyOutput,
+        EmbedOutput,
+        EncodeOutput,
+        ScoreOutput,
+        SparseEmbedOutput,
+        SparseVector,
+    )
 from poolsvc.gen.v1 import classify_pb2, common_pb2, embed_pb2, encode_pb2, score_pb2, tensor_pb2
 
 _DTYPES = {
@@ -116,7 +124,8 @@ def embed_request(msg: embed_pb2.EmbedRequest, when: When, limits: Limits) -> Po
                            dimensions=_optional(msg, "dimensions"),
                            out_dtype=output_dtype(msg.output_dtype))
     return PoolingRequest(Task.EMBED, inputs(msg.inputs, limits), model=msg.model, params=params,
-                          truncation=truncation(msg), prompt=prompt(msg), **when)
+                          truncation=truncation(msg), prompt=prompt(msg),
+                          sparse=SparseOptions(msg.sparse_top_k, msg.return_tokens), **when)
 
 
 def classify_request(msg: classify_pb2.ClassifyRequest, when: When,
@@ -186,9 +195,20 @@ def timing(t: Timing) -> common_pb2.Timing:
                              inference_ns=t.inference_ns, total_ns=t.total_ns)
 
 
-def embed_response(out: EmbedOutput) -> embed_pb2.EmbedResponse:
+def embed_response(out: EmbedOutput | SparseEmbedOutput) -> embed_pb2.EmbedResponse:
+    if out.is_sparse:
+        return embed_pb2.EmbedResponse(
+            model=out.model, sparse_embeddings=[sparse_embedding(v) for v in out.vectors],
+            sparse_dimensions=out.vocab_size, usage=usage(out.prompt_lens),
+            timing=timing(out.timing))
     return embed_pb2.EmbedResponse(model=out.model, embeddings=tensor(out.embeddings, out.dtype),
                                    usage=usage(out.prompt_lens), timing=timing(out.timing))
+
+
+def sparse_embedding(vector: SparseVector) -> embed_pb2.SparseEmbedding:
+    return embed_pb2.SparseEmbedding(token_ids=vector.token_ids.astype("<i4").tobytes(),
+                                     weights=vector.weights.astype("<f4").tobytes(),
+                                     tokens=vector.tokens or ())
 
 
 def classify_response(out: ClassifyOutput) -> classify_pb2.ClassifyResponse:

@@ -84,13 +84,16 @@ def embed_request(texts: Text | Sequence[Text], *, model: str = "",
                   normalize: bool | None = None, dimensions: int | None = None,
                   truncate: bool | int | None = None, truncation_side: str = "right",
                   dtype: str = "float32", prompt_name: str = "",
-                  prompt: str = "") -> embed_pb2.EmbedRequest:
+                  prompt: str = "", sparse_top_k: int = 0,
+                  return_tokens: bool = False) -> embed_pb2.EmbedRequest:
     """Embed options: `normalize` (None: the model's default), `dimensions` (Matryoshka),
     `truncate`, `truncation_side` ("right", "left"), `dtype` ("float32", "float16", "bfloat16"),
-    `prompt_name` (a prompt of the model's config) or `prompt` (a literal prefix)."""
+    `prompt_name` (a prompt of the model's config) or `prompt` (a literal prefix); for sparse
+    models `sparse_top_k` (the k largest weights; 0: all) and `return_tokens`."""
     request = embed_pb2.EmbedRequest(
         model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
-        output_dtype=_choice("dtype", dtype, DTYPES))
+        output_dtype=_choice("dtype", dtype, DTYPES), sparse_top_k=sparse_top_k,
+        return_tokens=return_tokens)
     if normalize is not None:
         request.normalize = normalize
     if dimensions is not None:

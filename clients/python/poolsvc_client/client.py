@@ -56,6 +56,14 @@ class _Api:
         return self._unary(self.embed_stub.Embed, build.embed_request(texts, **options),
                            results.embeddings)
 
+    def embed_sparse(self, texts: Text | Sequence[Text], *, top_k: int = 0,
+                     return_tokens: bool = False, **options) -> list[results.SparseVector]:
+        """A sparse (SPLADE) model's embeddings: per input its non-zero weights, largest first,
+        cut to the `top_k` largest (0: all), with the tokens' strings if `return_tokens`."""
+        return self._unary(self.embed_stub.Embed, build.embed_request(
+            texts, sparse_top_k=top_k, return_tokens=return_tokens, **options),
+            results.sparse_embeddings)
+
     def embed_response(self, texts: Text | Sequence[Text], **options) -> embed_pb2.EmbedResponse:
         """The whole EmbedResponse (usage, timing) rather than the array."""
         return self._unary(self.embed_stub.Embed, build.embed_request(texts, **options),
@@ -115,11 +123,12 @@ class _Api:
     # yielded as the result instead and the stream goes on.
 
     def embed_stream(self, batches, *, return_errors: bool = False, **options):
-        """Embeds each batch of texts; yields (index, [N, D])."""
+        """Embeds each batch of texts; yields (index, [N, D]), or (index, [SparseVector]) from a
+        sparse model (options sparse_top_k, return_tokens)."""
         build.embed_request([], **options)  # a bad option fails here, not inside the stream
         return self._stream(self.embed_stub.EmbedStream, batches, lambda i, b: (
             embed_pb2.EmbedStreamRequest(id=str(i), request=build.embed_request(b, **options))),
-            results.embeddings, return_errors)
+            results.dense_or_sparse, return_errors)
 
     def classify_stream(self, batches, *, return_errors: bool = False, **options):
         """Classifies each batch of texts; yields (index, Classification)."""

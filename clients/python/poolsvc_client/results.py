@@ -32,8 +32,43 @@ class RerankResult:
     document: str = ""
 
 
+@dataclass(frozen=True)
+class SparseVector:
+    """A sparse model's embedding of one input: its non-zero weights, largest first, their
+    vocabulary ids, and the tokens' strings when return_tokens was asked for."""
+
+    token_ids: np.ndarray  # [nnz] int32
+    weights: np.ndarray    # [nnz] float32
+    tokens: list[str]
+    dimensions: int        # the vocabulary size
+
+    def to_dict(self) -> dict[int, float]:
+        """{token id: weight}."""
+        return dict(zip(self.token_ids.tolist(), self.weights.tolist()))
+
+    def dense(self) -> np.ndarray:
+        """The full vector over the vocabulary, [dimensions] float32."""
+        out = np.zeros(self.dimensions, dtype=np.float32)
+        out[self.token_ids] = self.weights
+        return out
+
+
 def embeddings(response) -> np.ndarray:
+    if response.sparse_embeddings:
+        raise ValueError(f"{response.model} is a sparse model: use embed_sparse")
     return decode_tensor(response.embeddings)  # [N, D]
+
+
+def sparse_embeddings(response) -> list[SparseVector]:
+    if not response.sparse_embeddings:
+        raise ValueError(f"{response.model} is not a sparse model: use embed")
+    return [SparseVector(np.frombuffer(v.token_ids, dtype="<i4"),
+                         np.frombuffer(v.weights, dtype="<f4"), list(v.tokens),
+                         response.sparse_dimensions) for v in response.sparse_embeddings]
+
+
+def dense_or_sparse(response) -> np.ndarray | list[SparseVector]:
+    return sparse_embeddings(response) if response.sparse_embeddings else embeddings(response)
 
 
 def classification(response) -> Classification:

@@ -11,6 +11,7 @@ from poolsvc.engine.models import bert, llama, qwen2, qwen3, roberta
 ARCHITECTURES = {
     "BertModel": (bert, "BertModel"),
     "BertForSequenceClassification": (bert, "BertForSequenceClassification"),
+    "BertForMaskedLM": (bert, "BertModel"),  # a body (its MLM head is SPLADE's, see below)
     "RobertaModel": (roberta, "RobertaModel"),
     "RobertaForSequenceClassification": (roberta, "RobertaForSequenceClassification"),
     "XLMRobertaModel": (roberta, "XLMRobertaModel"),
@@ -29,6 +30,11 @@ ARCHITECTURES = {
     "Qwen3Model": (qwen3, "Qwen3Model"),
     "Qwen3ForCausalLM": (qwen3, "Qwen3Model"),
     "Qwen3ForSequenceClassification": (qwen3, "Qwen3ForSequenceClassification"),
+}
+# Masked LMs served as SPLADE sparse encoders (with SpladePooling or pooling_type SPLADE); without
+# that they are bodies.
+SPARSE_ARCHITECTURES = {
+    "BertForMaskedLM": (bert, "BertForMaskedLM"),
 }
 # `model_type` -> architecture, for configs without `architectures`.
 MODEL_TYPES = {

@@ -218,3 +218,56 @@ class BertForSequenceClassification(BertModel):
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pooler(pooled))  # [rows, num_labels]
+
+
+class BertLMPredictionTransform(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """HF's cls.predictions: transform, then the vocabulary projection. The projection's weight
+    is the word embeddings' (tie_word_embeddings, BERT's default) unless the checkpoint has its
+    own `cls.predictions.decoder.weight`."""
+
+    def __init__(self, cfg: BertConfig, tied: bool):
+        super().__init__()
+        self.transform = BertLMPredictionTransform(cfg)
+        self.decoder = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.empty(cfg.vocab_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        weight = word_embeddings if self.decoder is None else self.decoder.weight
+        return F.linear(self.transform(x), weight, self.bias)
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, cfg: BertConfig, tied: bool):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(cfg, tied)
+
+
+class BertForMaskedLM(BertModel):
+    """A masked LM served as a SPLADE sparse encoder: `head` gives each token's vocabulary
+    logits, which the pooler turns into log(1 + relu) and pools over the tokens."""
+
+    kind = Kind.SPARSE
+    head_pooling = PoolingType.SPLADE
+    default_pooling = PoolingType.SPLADE
+
+    def __init__(self, cfg: BertConfig, tied: bool = True):
+        super().__init__(cfg)
+        self.cls = BertOnlyMLMHead(cfg, tied)
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> BertForMaskedLM:
+        return cls(cls.parse_config(config), bool(config.get("tie_word_embeddings", True)))
+
+    def head(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.cls.predictions(rows, self.embeddings.word_embeddings.weight)  # [rows, vocab]

@@ -29,6 +29,7 @@ class PoolingType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POOLING_TYPE_MAX: _ClassVar[PoolingType]
     POOLING_TYPE_WEIGHTED_MEAN: _ClassVar[PoolingType]
     POOLING_TYPE_MEAN_SQRT_LEN: _ClassVar[PoolingType]
+    POOLING_TYPE_SPLADE: _ClassVar[PoolingType]
 
 class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +58,7 @@ POOLING_TYPE_STEP: PoolingType
 POOLING_TYPE_MAX: PoolingType
 POOLING_TYPE_WEIGHTED_MEAN: PoolingType
 POOLING_TYPE_MEAN_SQRT_LEN: PoolingType
+POOLING_TYPE_SPLADE: PoolingType
 MODALITY_UNSPECIFIED: Modality
 MODALITY_TEXT: Modality
 MODALITY_IMAGE: Modality
