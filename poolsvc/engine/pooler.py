@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +172,7 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, index: torch.Tensor | None,
     output dtype, one per sequence, or for per-token methods the rows of every kept token and
     how many belong to each sequence."""
     if options.method is PoolingType.SPLADE:
-        return splade_rows(hidden, batch.cu_seqlens, index, head, options.splade), None
+        return splade_rows(hidden, batch, index, head, options.splade), None
     if options.method.per_token:
         rows, counts = token_rows(options.method, hidden, batch, index, options.step_tag_id)
     elif use_kernel and options.method in _KERNEL_METHODS and head is None:
@@ -251,23 +252,34 @@ def sequence_rows(method: PoolingType, hidden: torch.Tensor, cu_seqlens: torch.T
 SPLADE_TOKENS = 256
 
 
-def splade_rows(hidden: torch.Tensor, cu_seqlens: torch.Tensor, index: torch.Tensor | None,
+def splade_rows(hidden: torch.Tensor, batch: PackedBatch, index: torch.Tensor | None,
                 head: Callable[[torch.Tensor], torch.Tensor], splade: Splade) -> torch.Tensor:
     """SPLADE: log(1 + relu(logits)) of every token (log1p once more for "log1p_relu"), max or
     summed over each sequence's tokens: [n, vocab] float32. The logits are made SPLADE_TOKENS
-    tokens at a time, so a batch never holds [num_tokens, vocab] at once."""
+    tokens at a time, so a batch never holds [num_tokens, vocab] at once, and each sequence's
+    part of a block is reduced as one contiguous slice."""
+    lengths = list(batch.prompt_lens)
     if index is not None:
-        hidden, cu_seqlens = _select(hidden, cu_seqlens, index)
-    seq = _seq_of_token(cu_seqlens, hidden.shape[0])
-    out = None
+        hidden, _ = _select(hidden, batch.cu_seqlens, index)
+        lengths = [lengths[i] for i in index.tolist()]
+    bounds = list(accumulate(lengths, initial=0))  # sequence s is rows bounds[s]:bounds[s + 1]
+    out, seq = None, 0
     for start in range(0, hidden.shape[0], SPLADE_TOKENS):
-        weights = torch.log1p(torch.relu(head(hidden[start:start + SPLADE_TOKENS]).float()))
+        stop = min(start + SPLADE_TOKENS, hidden.shape[0])
+        weights = head(hidden[start:stop]).float().relu_().log1p_()
         if splade.activation == "log1p_relu":
-            weights = torch.log1p(weights)
+            weights.log1p_()
         if out is None:  # every weight is >= 0, so 0 is the identity of both reductions
-            out = weights.new_zeros(cu_seqlens.numel() - 1, weights.shape[1])
-        rows = seq[start:start + SPLADE_TOKENS][:, None].expand_as(weights)
-        out.scatter_reduce_(0, rows, weights, reduce="amax" if splade.strategy == "max" else "sum")
+            out = weights.new_zeros(len(lengths), weights.shape[1])
+        while seq < len(lengths) and bounds[seq] < stop:
+            part = weights[max(bounds[seq], start) - start:min(bounds[seq + 1], stop) - start]
+            if splade.strategy == "max":
+                torch.maximum(out[seq], part.amax(0), out=out[seq])
+            else:
+                out[seq] += part.sum(0)
+            if bounds[seq + 1] > stop:
+                break  # the sequence goes on in the next block
+            seq += 1
     return out
 
 

@@ -241,8 +241,11 @@ class BertLMPredictionHead(nn.Module):
         self.transform = BertLMPredictionTransform(cfg)
         self.decoder = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.empty(cfg.vocab_size))
+        self.vocab = None  # the projection with its bias, where a device path has its own
 
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        if self.vocab is not None:
+            return self.vocab(self.transform(x))
         weight = word_embeddings if self.decoder is None else self.decoder.weight
         return F.linear(self.transform(x), weight, self.bias)
 
