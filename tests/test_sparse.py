@@ -72,6 +72,16 @@ def test_sparse_encoder_layouts_match(tmp_path, minilm_path, strategy, activatio
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_other_masked_lms_through_transformers(tmp_path, minilm_path):
+    """DistilBERT (the OpenSearch sparse encoders' body) has no packed code: its masked LM runs
+    through transformers, its MLM head through the same SPLADE pooling."""
+    directory = splade(tmp_path, minilm_path, family="distilbert")
+    with LLM(str(directory), **CPU) as llm:
+        assert llm.engine.model("").implementation == "transformers"
+        got = np.array([o.outputs.embedding for o in llm.embed(TEXTS)])
+    np.testing.assert_allclose(got, reference(directory), atol=1e-4)
+
+
 def test_a_masked_lm_with_splade_pooling_config(tmp_path, minilm_path, sparse_encoder):
     """A plain BertForMaskedLM checkpoint with --pooler-config pooling_type SPLADE equals the
     SparseEncoder built on it; without it, a masked LM is a dense body as before."""

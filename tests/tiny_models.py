@@ -276,16 +276,22 @@ def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> byt
 
 
 def splade(directory: Path, minilm_path: Path, layout: str = "sparse-encoder",
-           strategy: str = "max", activation: str = "relu", seed: int = 0) -> Path:
-    """A tiny random BERT masked LM with MiniLM's vocabulary: saved by sentence-transformers as a
-    SparseEncoder (MLMTransformer + SpladePooling) with `layout="sparse-encoder"`, or as the plain
-    transformers checkpoint with `layout="mlm"`."""
-    from transformers import BertConfig, BertForMaskedLM
+           strategy: str = "max", activation: str = "relu", seed: int = 0,
+           family: str = "bert") -> Path:
+    """A tiny random masked LM (`family` "bert" or "distilbert") with MiniLM's vocabulary: saved
+    by sentence-transformers as a SparseEncoder (MLMTransformer + SpladePooling) with
+    `layout="sparse-encoder"`, or as the plain transformers checkpoint with `layout="mlm"`."""
+    import transformers
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=96, max_position_embeddings=128)
-    model = BertForMaskedLM(config).eval()
+    if family == "distilbert":
+        model = transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
+            vocab_size=30522, dim=48, n_layers=2, n_heads=4, hidden_dim=96,
+            max_position_embeddings=128)).eval()
+    else:
+        model = transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=30522, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=96, max_position_embeddings=128)).eval()
     _perturb(model)
     mlm = directory / "mlm" if layout == "sparse-encoder" else directory
     mlm.mkdir(parents=True, exist_ok=True)

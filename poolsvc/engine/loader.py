@@ -261,10 +261,7 @@ def _build_backend(files: ModelFiles, allow_pickle: bool,
     if splade is not None:
         entry = SPARSE_ARCHITECTURES.get(files.architecture)
         if entry is None:
-            raise ModelLoadError(
-                f"{files.path}: SPLADE pooling needs a masked-LM checkpoint of "
-                f"{', '.join(SPARSE_ARCHITECTURES)}; {files.architecture or 'this model'} is not "
-                "one")
+            return hf_fallback.load_masked_lm(files, allow_pickle), "transformers"
     else:
         entry = ARCHITECTURES.get(files.architecture)
     if entry is None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from poolsvc.engine.backend import Backend
+from poolsvc.engine.description import Kind
 from poolsvc.engine.errors import ModelLoadError
 from poolsvc.engine.model_files import ModelFiles
 from poolsvc.engine.packing import PackedBatch
@@ -28,9 +29,10 @@ class TransformersModel(Backend):
         super().__init__()
         self.model = model
         self.default_pooling = PoolingType.LAST if causal else PoolingType.CLS
-        self._takes_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
+        body = model.base_model  # the model itself for AutoModel's bodies
+        self._takes_token_types = "token_type_ids" in inspect.signature(body.forward).parameters
         config = model.config
-        embeddings = getattr(model, "embeddings", None)
+        embeddings = getattr(body, "embeddings", None)
         padding_idx = getattr(getattr(embeddings, "position_embeddings", None), "padding_idx", None)
         # RoBERTa-style models count positions from padding_idx + 1.
         offset = padding_idx + 1 if isinstance(padding_idx, int) else 0
@@ -62,8 +64,46 @@ class TransformersModel(Backend):
             types = batch.token_type_ids.new_zeros(num_seqs * width)
             types[flat] = batch.token_type_ids
             inputs["token_type_ids"] = types.view(num_seqs, width)
-        hidden = self.model(**inputs).last_hidden_state  # [num_seqs, width, hidden]
+        hidden = self.model.base_model(**inputs).last_hidden_state  # [seqs, width, hidden]
         return hidden.reshape(num_seqs * width, -1)[flat]  # [num_tokens, hidden]
+
+
+# A masked LM's head on hidden states -> vocabulary logits, by model type (transformers' names).
+_MLM_HEADS = {
+    "bert": lambda m: m.cls,
+    "roberta": lambda m: m.lm_head,
+    "xlm-roberta": lambda m: m.lm_head,
+    "camembert": lambda m: m.lm_head,
+    "distilbert": lambda m: lambda h: m.vocab_projector(
+        m.vocab_layer_norm(m.activation(m.vocab_transform(h)))),
+    "modernbert": lambda m: lambda h: m.decoder(m.head(h)),
+}
+
+
+class TransformersMaskedLM(TransformersModel):
+    """A masked LM served as a SPLADE sparse encoder: the body's hidden states, and `head`, the
+    checkpoint's own MLM head, for the pooler to turn into vocabulary weights."""
+
+    kind = Kind.SPARSE
+    head_pooling = PoolingType.SPLADE
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, causal=False)
+        self.default_pooling = PoolingType.SPLADE
+        self._head = _MLM_HEADS[model.config.model_type](model)
+
+    def head(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._head(rows)  # [rows, vocab]
+
+
+def load_masked_lm(files: ModelFiles, allow_pickle: bool) -> TransformersMaskedLM:
+    model_type = files.hf_config.get("model_type", "")
+    if not files.architecture.endswith("ForMaskedLM") or model_type not in _MLM_HEADS:
+        raise ModelLoadError(
+            f"{files.path}: SPLADE pooling needs a masked-LM checkpoint (…ForMaskedLM) of "
+            f"{', '.join(_MLM_HEADS)}; {files.architecture or 'this model'} is not one")
+    from transformers import AutoModelForMaskedLM
+    return TransformersMaskedLM(_from_pretrained(AutoModelForMaskedLM, files, allow_pickle))
 
 
 def load(files: ModelFiles, allow_pickle: bool) -> TransformersModel:
@@ -72,9 +112,14 @@ def load(files: ModelFiles, allow_pickle: bool) -> TransformersModel:
             f"{files.path}: architecture {files.architecture or '(none)'} has a task head poolsvc "
             "does not implement; bodies of any architecture (…Model, …ForMaskedLM, …ForCausalLM) "
             "are served through transformers")
+    from transformers import AutoModel
+    model = _from_pretrained(AutoModel, files, allow_pickle)
+    return TransformersModel(model, is_decoder_only(files.architecture, model.config))
+
+
+def _from_pretrained(auto, files: ModelFiles, allow_pickle: bool) -> nn.Module:
     try:
-        from transformers import AutoModel
-        model, info = AutoModel.from_pretrained(
+        model, info = auto.from_pretrained(
             str(files.path), trust_remote_code=False, dtype=torch.float32,
             use_safetensors=None if allow_pickle else True, output_loading_info=True)
     except Exception as exc:
@@ -84,7 +129,7 @@ def load(files: ModelFiles, allow_pickle: bool) -> TransformersModel:
         # transformers would run them randomly initialized: never serve that
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ModelLoadError(f"{files.path}: weights missing from the checkpoint: {shown}")
-    return TransformersModel(model.eval(), is_decoder_only(files.architecture, model.config))
+    return model.eval()
 
 
 def is_decoder_only(architecture: str, config) -> bool:
