@@ -70,7 +70,14 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def example_models(tmp_path_factory, minilm_path) -> dict[str, Path]:
     """Tiny task models under the names the README's examples use, beside the bundled embedder."""
-    from tiny_models import bert_classifier, dual_encoder, qwen2_reward, xlmr_classifier
+    from tiny_models import (
+        bert_classifier,
+        dual_encoder,
+        qwen2_reward,
+        splade,
+        token_classifier,
+        xlmr_classifier,
+    )
 
     root = tmp_path_factory.mktemp("example-models")
     return {
@@ -80,13 +87,15 @@ def example_models(tmp_path_factory, minilm_path) -> dict[str, Path]:
                                id2label={0: "negative", 1: "neutral", 2: "positive"}),
         "rm": qwen2_reward(root / "rm", 1, "Qwen2ForRewardModel", seed=4),
         "clip": dual_encoder(root / "clip", "clip"),
+        "splade": splade(root / "splade", minilm_path),
+        "ner": token_classifier(root / "ner", minilm_path),
     }
 
 
 @pytest.fixture(scope="session")
 def examples_server(example_models, tmp_path_factory):
     """One server for the client and README examples: the embedder (the default model), a
-    reranker, a classifier, a reward model and CLIP."""
+    reranker, a classifier, a reward model, CLIP, a SPLADE model and a token classifier."""
     models = [arg for name, path in example_models.items() for arg in ("--model", f"{name}={path}")]
     srv = ServerProcess(tmp_path_factory.mktemp("examples") / "server.log", *models).wait_ready()
     yield srv

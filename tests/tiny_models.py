@@ -305,3 +305,31 @@ def splade(directory: Path, minilm_path: Path, layout: str = "sparse-encoder",
     SparseEncoder(modules=[MLMTransformer(str(mlm)), SpladePooling(strategy, activation)],
                   device="cpu").save(str(directory / "st"))
     return directory / "st"
+
+
+NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
+
+
+def token_classifier(directory: Path, minilm_path: Path, family: str = "bert",
+                     seed: int = 0) -> Path:
+    """A tiny random `*ForTokenClassification` (`family` "bert", with MiniLM's WordPiece
+    vocabulary, or "xlm-roberta", with a byte-level BPE one) with NER labels."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    common = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=96, id2label=NER_LABELS)
+    if family == "xlm-roberta":
+        vocab = bpe_tokenizer(directory, "roberta")
+        model = transformers.XLMRobertaForTokenClassification(transformers.XLMRobertaConfig(
+            vocab_size=vocab, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1,
+            **common))
+    else:
+        model = transformers.BertForTokenClassification(transformers.BertConfig(
+            vocab_size=30522, max_position_embeddings=128, **common))
+        for name in TOKENIZER_FILES:
+            shutil.copy(minilm_path / name, directory / name)
+    _perturb(model.eval())
+    model.save_pretrained(directory)
+    return directory

@@ -76,6 +76,8 @@ class ModelDescription:
             return (Task.EMBED,)  # sparse vectors over the vocabulary
         if self.score_template is not None:  # an LLM reranker scores pairs, as it was prompted
             return (Task.SCORE,)
+        if self.head_pooling is PoolingType.ALL:  # a token classifier (NER): labels per token
+            return (Task.TOKEN_CLASSIFY,)
         tasks = [Task.CLASSIFY]
         if self.num_labels == 1:
             tasks.append(Task.SCORE)  # a cross-encoder

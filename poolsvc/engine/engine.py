@@ -174,7 +174,7 @@ class Engine:
                         chunk_size=desc.chunk_size if request.task is Task.EMBED else None,
                         labels=desc.labels, pairs=pairs, logit=logit,
                         token_strings=model.tokenizer.token_strings
-                        if request.sparse.return_tokens else None)
+                        if request.sparse.return_tokens else None, offsets=inputs.offsets)
         limit = self.limits.max_response_bytes
         if limit is not None and (size := response_bytes(state, desc)) > limit:
             raise OverloadedError(

@@ -25,6 +25,9 @@ class ModelInputs:
     token_ids: list[list[int]]
     token_type_ids: list[list[int]] | None = None
     pixels: list[torch.Tensor | None] | None = None
+    # With PoolingRequest.offsets: each token's (start, end) characters in its text input (after
+    # any prompt; special tokens (0, 0)); empty for token-id inputs.
+    offsets: list[list[tuple[int, int]]] | None = None
 
 
 def model_inputs(model: ServedModel, request: PoolingRequest, limits: Limits,
@@ -76,14 +79,17 @@ def _encode_each(model: ServedModel, inputs: Seq[Prompt], request: PoolingReques
                 raise InvalidInputError("a prompt applies to text inputs only: token-id "
                                         "inputs must already contain it")
             out[i] = tok.check_ids(x, i, limit, cut, truncation.side)
+    offsets = [[] for _ in inputs] if request.offsets else None
     if texts:
         index = [i for i, _ in texts]
         encodings = tok.encode([prefix + x for _, x in texts], limit, cut, truncation.side,
-                               indices=index)
+                               indices=index, offsets=request.offsets)
         for i, enc in zip(index, encodings):
             out[i] = enc.ids
+            if offsets is not None:
+                offsets[i] = _after_prompt(enc, len(prefix))
     if not images:
-        return ModelInputs(out)
+        return ModelInputs(out, offsets=offsets)
     if "image" not in desc.modalities:
         raise InvalidInputError(f"input {images[0][0]} is an image, but model {desc.name} "
                                 "accepts text only; serve an image model (CLIP, SigLIP)")
@@ -92,3 +98,15 @@ def _encode_each(model: ServedModel, inputs: Seq[Prompt], request: PoolingReques
     for (i, _), tensor in zip(images, model.preprocess(decoded)):
         pixels[i] = tensor
     return ModelInputs(out, pixels=pixels)
+
+
+def _after_prompt(encoding, prompt_chars: int) -> list[tuple[int, int]]:
+    """Token spans in the caller's text: the prompt's characters taken off, special tokens and
+    the prompt's own tokens (0, 0)."""
+    spans = []
+    for special, (start, end) in zip(encoding.special_tokens_mask, encoding.offsets):
+        if special or end <= prompt_chars:
+            spans.append((0, 0))
+        else:
+            spans.append((max(start - prompt_chars, 0), end - prompt_chars))
+    return spans

@@ -4,7 +4,7 @@ Runs on the finisher thread, while the device runs the next batch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -89,6 +89,8 @@ class EncodeOutput(Output):
     task: Task
     outputs: list[np.ndarray]       # per input: [rows, D] (per-token tasks) or [D]
     dtype: OutputDType
+    labels: list[str] = field(default_factory=list)  # classification tasks: the D columns
+    offsets: list[list[tuple[int, int]]] | None = None  # per input, each row's characters
 
 
 _OVERHEAD_PER_OUTPUT = 32  # a tensor's dtype, shape and framing, a usage entry
@@ -128,7 +130,10 @@ def build_output(req: Request) -> Output:
                                  vocab_size=rows[0].shape[-1], **common)
     dtype = options.out_dtype
     if req.call.raw:
+        classes = task in (Task.CLASSIFY, Task.TOKEN_CLASSIFY) and \
+            options.returned_token_ids is None
         return EncodeOutput(task=task, outputs=[to_numpy(r, dtype) for r in rows], dtype=dtype,
+                            labels=list(req.labels) if classes else [], offsets=req.offsets,
                             **common)
     stacked = to_numpy(torch.stack(rows), dtype)  # [num_inputs, D]
     if task is Task.EMBED:

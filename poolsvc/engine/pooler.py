@@ -90,6 +90,10 @@ def options_for(request: PoolingRequest, model: ModelDescription) -> PoolerOptio
     if params.out_dtype.compact and not vectors:
         raise InvalidInputError(f"output_dtype {params.out_dtype.value} applies to embeddings "
                                 f"(embed, token_embed), not to {_what(request, model)}")
+    if request.offsets and not (request.raw and task.per_token and
+                                model.token_pooling is PoolingType.ALL):
+        raise InvalidInputError("return_offsets applies to Encode's per-token outputs (a row "
+                                "per token: token_classify, token_embed); leave it unset")
     if model.kind is Kind.SPARSE:
         return _sparse_options(request, model)
     if request.sparse.requested:

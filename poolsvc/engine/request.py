@@ -37,6 +37,7 @@ class PoolingRequest:
     prompt: PromptOptions = PromptOptions()
     raw: bool = False
     sparse: SparseOptions = SparseOptions()  # sparse models' embeddings: top_k, token strings
+    offsets: bool = False  # Encode, per-token outputs: each row's character span in its text
     arrival_ns: int = field(default_factory=now_ns)
     deadline_ns: int | None = None
 

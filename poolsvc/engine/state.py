@@ -37,6 +37,7 @@ class Request:
     pairs: tuple[tuple[int, int], ...] = ()
     logit: tuple[float, float] | None = None
     token_strings: Callable[[Any], list[str]] | None = None  # sparse models: return_tokens
+    offsets: list[list[tuple[int, int]]] | None = None  # Encode's return_offsets, per input
     tokenized_ns: int = field(default_factory=now_ns)
     started_ns: int = 0
     future: Future = field(default_factory=Future)

@@ -32,7 +32,15 @@ if TYPE_CHECKING:  # the outputs module pulls in torch; only their types are nee
         SparseEmbedOutput,
         SparseVector,
     )
-from poolsvc.gen.v1 import classify_pb2, common_pb2, embed_pb2, encode_pb2, score_pb2, tensor_pb2
+from poolsvc.gen.v1 import (
+    classify_pb2,
+    common_pb2,
+    embed_pb2,
+    encode_pb2,
+    model_pb2,
+    score_pb2,
+    tensor_pb2,
+)
 
 _DTYPES = {
     tensor_pb2.DATA_TYPE_UNSPECIFIED: OutputDType.FLOAT32,
@@ -164,7 +172,8 @@ def encode_request(msg: encode_pb2.EncodeRequest, when: When, limits: Limits,
                            activation=_optional(msg, "activation"),
                            out_dtype=output_dtype(msg.output_dtype))
     return PoolingRequest(task, inputs(msg.inputs, limits), model=msg.model, params=params,
-                          truncation=truncation(msg), prompt=prompt(msg), raw=True, **when)
+                          truncation=truncation(msg), prompt=prompt(msg), raw=True,
+                          offsets=msg.return_offsets, **when)
 
 
 def _task(value: int) -> Task | None:
@@ -234,6 +243,9 @@ def rerank_response(out: ScoreOutput, documents, top_n: int,
 
 
 def encode_response(out: EncodeOutput) -> encode_pb2.EncodeResponse:
+    spans = [encode_pb2.TokenSpans(offsets=[model_pb2.TokenOffset(start=a, end=b)
+                                            for a, b in row]) for row in out.offsets or ()]
     return encode_pb2.EncodeResponse(model=out.model, task=wire_task(out.task),
                                      outputs=[tensor(a, out.dtype) for a in out.outputs],
-                                     usage=usage(out.prompt_lens), timing=timing(out.timing))
+                                     usage=usage(out.prompt_lens), timing=timing(out.timing),
+                                     labels=out.labels, offsets=spans)

@@ -149,11 +149,13 @@ def encode_request(texts: Text | Sequence[Text], *, model: str = "", task: str |
                    normalize: bool | None = None, activation: bool | None = None,
                    truncate: bool | int | None = None, truncation_side: str = "right",
                    dtype: str = "float32", prompt_name: str = "",
-                   prompt: str = "") -> encode_pb2.EncodeRequest:
+                   prompt: str = "", return_offsets: bool = False) -> encode_pb2.EncodeRequest:
     """`task`: "token_embed", "token_classify", "reward", "embed" or "classify" (None: the
-    model's default task); other options as embed_request and classify_request."""
+    model's default task); `return_offsets`: each row's character span (per-token tasks);
+    other options as embed_request and classify_request."""
     request = encode_pb2.EncodeRequest(
         model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
+        return_offsets=return_offsets,
         output_dtype=_choice("dtype", dtype, DTYPES),
         task=common_pb2.TASK_UNSPECIFIED if task is None else _choice("task", task, TASKS))
     if normalize is not None:

@@ -95,6 +95,15 @@ class _Api:
         return self._unary(self.encode_stub.Encode, build.encode_request(texts, **options),
                            results.encodings)
 
+    def classify_tokens(self, texts: Text | Sequence[Text],
+                        **options) -> list[results.TokenLabels]:
+        """A token classifier's (NER) labels: per text, each token's probabilities `.probs`,
+        the `.labels`, each token's character `.offsets`, `.predicted` and `.spans(text)`.
+        Options: model, activation, truncate, truncation_side, prompt_name, prompt."""
+        request = build.encode_request(texts, task="token_classify", return_offsets=True,
+                                       **options)
+        return self._unary(self.encode_stub.Encode, request, results.token_labels)
+
     def tokenize(self, texts: str | Sequence[str], **options) -> list[list[int]]:
         """The token ids of each text, as the model sees them. Options: model,
         add_special_tokens, prompt_name, prompt, truncate, truncation_side."""

@@ -53,6 +53,27 @@ class SparseVector:
         return out
 
 
+@dataclass(frozen=True)
+class TokenLabels:
+    """A token classifier's output for one text: `probs[t, j]`, token t's probability of
+    `labels[j]`, and `offsets[t]`, token t's (start, end) characters in the text ((0, 0) for
+    special tokens)."""
+
+    probs: np.ndarray  # [num_tokens, num_labels]
+    labels: list[str]
+    offsets: list[tuple[int, int]]
+
+    @property
+    def predicted(self) -> list[str]:
+        """The most likely label of each token."""
+        return [self.labels[j] for j in self.probs.argmax(axis=1)]
+
+    def spans(self, text: str) -> list[tuple[str, str]]:
+        """(token text, predicted label) of each non-special token."""
+        return [(text[a:b], label) for (a, b), label in zip(self.offsets, self.predicted)
+                if b > a]
+
+
 def embeddings(response) -> np.ndarray:
     if response.sparse_embeddings:
         raise ValueError(f"{response.model} is a sparse model: use embed_sparse")
@@ -85,6 +106,12 @@ def ranking(response) -> list[RerankResult]:
 
 def encodings(response) -> list[np.ndarray]:
     return [decode_tensor(t) for t in response.outputs]  # one per input, e.g. [num_tokens, D]
+
+
+def token_labels(response) -> list[TokenLabels]:
+    return [TokenLabels(decode_tensor(t), list(response.labels),
+                        [(o.start, o.end) for o in spans.offsets])
+            for t, spans in zip(response.outputs, response.offsets)]
 
 
 def token_ids(response) -> list[list[int]]:

@@ -11,6 +11,9 @@ from poolsvc.engine.models import bert, llama, qwen2, qwen3, roberta
 ARCHITECTURES = {
     "BertModel": (bert, "BertModel"),
     "BertForSequenceClassification": (bert, "BertForSequenceClassification"),
+    "BertForTokenClassification": (bert, "BertForTokenClassification"),
+    "RobertaForTokenClassification": (roberta, "RobertaForTokenClassification"),
+    "XLMRobertaForTokenClassification": (roberta, "XLMRobertaForTokenClassification"),
     "BertForMaskedLM": (bert, "BertModel"),  # a body (its MLM head is SPLADE's, see below)
     "RobertaModel": (roberta, "RobertaModel"),
     "RobertaForSequenceClassification": (roberta, "RobertaForSequenceClassification"),

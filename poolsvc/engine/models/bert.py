@@ -220,6 +220,28 @@ class BertForSequenceClassification(BertModel):
         return self.classifier(self.pooler(pooled))  # [rows, num_labels]
 
 
+class BertForTokenClassification(BertModel):
+    """NER-style taggers: `head` turns every token's state into label logits."""
+
+    kind = Kind.CLASSIFIER
+    head_pooling = PoolingType.ALL
+
+    def __init__(self, cfg: BertConfig, num_labels: int):
+        super().__init__(cfg)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> BertForTokenClassification:
+        return cls(cls.parse_config(config), num_labels_of(config))
+
+    @property
+    def num_labels(self) -> int:
+        return self.classifier.out_features
+
+    def head(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.classifier(rows)  # [tokens, num_labels]
+
+
 class BertLMPredictionTransform(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()

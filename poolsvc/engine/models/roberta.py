@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from poolsvc.engine.description import Kind
-from poolsvc.engine.models.bert import BertConfig, BertModel, num_labels_of
+from poolsvc.engine.models.bert import (
+    BertConfig,
+    BertForTokenClassification,
+    BertModel,
+    num_labels_of,
+)
 from poolsvc.engine.params import PoolingType
 
 
@@ -72,4 +77,12 @@ class RobertaForSequenceClassification(RobertaModel):
 
 
 class XLMRobertaForSequenceClassification(RobertaForSequenceClassification):
+    pass
+
+
+class RobertaForTokenClassification(BertForTokenClassification, RobertaModel):
+    """The same per-token classifier on a RoBERTa body (positions after padding_idx)."""
+
+
+class XLMRobertaForTokenClassification(RobertaForTokenClassification):
     pass
