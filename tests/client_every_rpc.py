@@ -4,7 +4,8 @@
 
 It imports nothing but the client and its dependencies: tests/test_client_install.py runs it in
 a fresh venv holding only `pip install ./clients/python`, against the examples server
-(conftest.py: the bundled embedder as the default model, "clf", "rerank", "rm", "clip").
+(conftest.py: the bundled embedder as the default model, "clf", "rerank", "rm", "clip", "splade",
+"ner").
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import sys
 
 import numpy as np
 from google.protobuf.json_format import MessageToDict
-from poolsvc_client import AsyncClient, Classification, Client, PoolsvcError, RerankResult
+from poolsvc_client import (
+    AsyncClient,
+    Classification,
+    Client,
+    PoolsvcError,
+    RerankResult,
+    SparseVector,
+    TokenLabels,
+)
 
 QUERY = "What is the capital of France?"
 DOCS = ["Cats purr.", "Paris is the capital of France.", "The stock market fell today."]
@@ -38,6 +47,9 @@ UNARY = [
                                          "return_documents": True}),
     ("encode token_embed", "encode", (TEXTS[:2],), {}),
     ("encode reward", "encode", (["Step 1: 2 + 2 = 4."],), {"model": "rm"}),
+    ("embed_sparse", "embed_sparse", (TEXTS[:2],), {"model": "splade", "top_k": 4,
+                                                    "return_tokens": True}),
+    ("classify_tokens", "classify_tokens", (TEXTS[:2],), {"model": "ner"}),
 ]
 STREAMS = [
     ("embed_stream", "embed_stream", ([TEXTS[:1], TEXTS[1:]],), {}),
@@ -55,6 +67,12 @@ def plain(value):
     if isinstance(value, Classification):
         return {"probs": plain(value.probs), "labels": value.labels,
                 "predicted": value.predicted}
+    if isinstance(value, SparseVector):
+        return {"token_ids": value.token_ids.tolist(), "weights": plain(value.weights),
+                "tokens": value.tokens, "dimensions": value.dimensions}
+    if isinstance(value, TokenLabels):
+        return {"probs": plain(value.probs), "labels": value.labels,
+                "offsets": [list(o) for o in value.offsets]}
     if isinstance(value, RerankResult):
         return {"index": value.index, "score": value.score, "document": value.document}
     if isinstance(value, PoolsvcError):

@@ -32,7 +32,7 @@ def close(got, want, path="") -> None:
 
 
 @pytest.mark.timeout(600)
-def test_the_client_alone_in_a_fresh_venv(tmp_path, examples_server):
+def test_the_client_alone_in_a_fresh_venv(tmp_path, examples_server, example_models):
     venv = tmp_path / "venv"
     python = venv / "bin" / "python"
     started = time.monotonic()
@@ -62,8 +62,7 @@ def test_the_client_alone_in_a_fresh_venv(tmp_path, examples_server):
 
     sync = got["sync"]
     assert sync["health"] == "SERVING"
-    assert [m["name"] for m in sync["list_models"]] == ["all-MiniLM-L6-v2", "rerank", "clf", "rm",
-                                                         "clip"]
+    assert [m["name"] for m in sync["list_models"]] == list(example_models)
     assert sync["embed"]["shape"] == [3, 384] and sync["embed 64 float16"]["shape"] == [1, 64]
     assert sync["embed 64 float16"]["dtype"] == "float16"
     assert sync["classify"]["labels"] == ["negative", "neutral", "positive"]
@@ -75,6 +74,11 @@ def test_the_client_alone_in_a_fresh_venv(tmp_path, examples_server):
     ids = sync["tokenize"]
     assert [e["shape"] for e in sync["encode token_embed"]] == [[len(ids[0]), 384],
                                                                 [len(ids[1]), 384]]
+    assert [len(v["token_ids"]) for v in sync["embed_sparse"]] == [4, 4]
+    assert all(len(v["tokens"]) == 4 and v["dimensions"] == 30522 for v in sync["embed_sparse"])
+    tagged = sync["classify_tokens"]
+    assert [len(t["offsets"]) for t in tagged] == [len(i) for i in ids[:2]]
+    assert tagged[0]["labels"] == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     (index, failed) = sync["embed_stream errors"][1]
     assert index == 1 and failed["error"] == "INVALID_ARGUMENT" and "no inputs" in failed["details"]
     errors = sync["errors"]

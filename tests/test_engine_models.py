@@ -114,8 +114,8 @@ def test_load_errors_name_the_problem(tmp_path, minilm_path):
         LLM(str(gpt), **CPU)  # through transformers, which would leave them random
 
     head = tiny_bert(tmp_path / "head", minilm_path)
-    _edit_json(head / "config.json", architectures=["BertForTokenClassification"])
-    with pytest.raises(ModelLoadError, match="BertForTokenClassification has a task head"):
+    _edit_json(head / "config.json", architectures=["BertForQuestionAnswering"])
+    with pytest.raises(ModelLoadError, match="BertForQuestionAnswering has a task head"):
         LLM(str(head), **CPU)
 
     wrong = tiny_bert(tmp_path / "wrong", minilm_path)

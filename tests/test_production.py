@@ -99,6 +99,7 @@ class Load:
             await asyncio.gather(*(caller() for _ in range(self.callers)))
 
 
+@pytest.mark.timeout(900)  # 6,000 checked requests: minutes on a loaded 2-core machine
 def test_load_is_correct_and_memory_stays_flat(tmp_path, reference):
     srv = ServerProcess(tmp_path / "server.log").wait_ready()
     try:
