@@ -1,9 +1,9 @@
 """Where `run-batch` writes, each output able to resume from a checkpoint: an append-only
 JSON lines file (batch output, and the error file) cut back to its committed length; a
-pre-allocated memory-mapped .npy whose rows past the checkpoint are simply written again;
+pre-allocated .npy whose rows past the checkpoint are simply written again;
 Parquet as one part file per chunk, joined into the output at the end.
 
-Every `sync` makes what was written durable (fsync, msync) before the checkpoint may count it.
+Every `sync` makes what was written durable (fsync) before the checkpoint may count it.
 A row that failed holds NaN in a float .npy, 0 in an integer one, and null in Parquet; the
 error file says which rows failed and why."""
 
@@ -54,34 +54,43 @@ def empty_row(dtype: np.dtype) -> float | int:
 
 
 class NpyFile:
-    """A [rows, width] .npy, allocated up front and written in place through a memory map."""
+    """A [rows, width] .npy, allocated up front (numpy's open_memmap writes the header and sizes
+    the file) and written in place: each chunk's rows at their offset, with pwrite rather than
+    through the map, so that the process's resident memory does not grow with the output."""
 
     def __init__(self, path: str, rows: int, width: int, dtype: np.dtype, fresh: bool):
         self.path = path
-        if not fresh:
+        if fresh:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, width))
+        else:
             try:
-                self._array = np.load(path, mmap_mode="r+")
+                array = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as exc:
                 raise ResumeError(f"{path} cannot be resumed ({exc}); pass --overwrite to "
                                   "start over") from None
-            if self._array.shape != (rows, width) or self._array.dtype != dtype:
-                raise ResumeError(f"{path} holds {self._array.shape} {self._array.dtype}, not "
-                                  f"the ({rows}, {width}) {dtype} this run writes; pass "
+            if array.shape != (rows, width) or array.dtype != dtype:
+                raise ResumeError(f"{path} holds {array.shape} {array.dtype}, not the "
+                                  f"({rows}, {width}) {dtype} this run writes; pass "
                                   "--overwrite to start over")
-            return
-        self._array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype,
-                                                shape=(rows, width))
-        fsync_directory(path)
+        self._offset, self._row_bytes = array.offset, width * np.dtype(dtype).itemsize
+        del array
+        self._fd = os.open(path, os.O_RDWR)
+        if fresh:
+            fsync_directory(path)
 
     def write(self, start: int, rows: np.ndarray) -> None:
-        self._array[start:start + len(rows)] = rows
+        data = np.ascontiguousarray(rows).tobytes()
+        at = self._offset + start * self._row_bytes
+        while data:
+            written = os.pwrite(self._fd, data, at)
+            data, at = data[written:], at + written
 
     def sync(self) -> None:
-        self._array.flush()
+        os.fsync(self._fd)
 
     def close(self) -> None:
-        self._array.flush()
-        del self._array
+        os.fsync(self._fd)
+        os.close(self._fd)
 
 
 class ParquetParts:
