@@ -38,7 +38,8 @@ def test_buf_lint():
 
 
 def test_ruff():
-    done = run(tool("ruff"), "check", "poolsvc", "clients", "tests", "scripts", "bench", "kernels")
+    done = run(tool("ruff"), "check", "poolsvc", "clients", "tests", "scripts", "bench", "kernels",
+               "examples")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from poolsvc.batch.config import BatchConfig, InputFormat, OutputFormat
+from poolsvc.engine.config import ConfigError
 
 _READ_BLOCK = 1 << 20
 
@@ -36,9 +37,16 @@ class Chunk:
 
 def count_rows(config: BatchConfig) -> int:
     """The input's rows: its lines (a last line without a newline counts), or Parquet's
-    metadata row count."""
+    metadata row count (once its columns are checked)."""
     if config.input_format is InputFormat.PARQUET:
-        return _parquet_file(config.input).metadata.num_rows
+        file = _parquet_file(config.input)
+        names = file.schema_arrow.names
+        for name in filter(None, (config.field, config.id_field)):
+            if name not in names:
+                flag = "--field" if name == config.field else "--id-field"
+                raise ConfigError(f"{config.input} has no column {name!r} ({flag}); its "
+                                  f"columns: {', '.join(names)}")
+        return file.metadata.num_rows
     lines, last = 0, b"\n"
     with open(config.input, "rb") as f:
         while block := f.read(_READ_BLOCK):
@@ -125,7 +133,7 @@ def _parquet_file(path: str):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError("Parquet input and output need pyarrow: pip install "
+        raise ConfigError("Parquet input and output need pyarrow: pip install "
                           "'poolsvc[parquet]'") from None
     return pq.ParquetFile(path)
 
@@ -133,11 +141,6 @@ def _parquet_file(path: str):
 def _parquet_chunks(config: BatchConfig, start_row: int) -> Iterator[Chunk]:
     """Row groups from the one holding `start_row`, read `chunk_rows` rows at a time."""
     file = _parquet_file(config.input)
-    names = file.schema_arrow.names
-    for name in filter(None, (config.field, config.id_field)):
-        if name not in names:
-            raise KeyError(f"{config.input} has no column {name!r}; its columns: "
-                           f"{', '.join(names)}")
     first, skip = 0, start_row
     meta = file.metadata
     while first < meta.num_row_groups and skip >= meta.row_group(first).num_rows:

@@ -91,6 +91,9 @@ def parse_line(text: str, default_task: Callable[[str], Task]) -> BatchLine:
     if not isinstance(line, dict):
         raise LineError("a batch line must be a JSON object with custom_id, method, url, body")
     custom_id, url, body = line.get("custom_id"), line.get("url"), line.get("body")
+    if custom_id is None and url is None:
+        raise LineError("not an OpenAI batch request (custom_id, method, url, body); to embed "
+                        "plain texts, write a .npy or .parquet output instead of .jsonl")
     if not isinstance(custom_id, str):
         raise LineError("custom_id must be a string")
     if line.get("method", "POST") != "POST":

@@ -33,6 +33,7 @@ from poolsvc.batch.openai import BatchFileRequests
 from poolsvc.batch.outputs import LinesFile, NpyFile, ParquetParts
 from poolsvc.batch.progress import Progress
 from poolsvc.batch.texts import TextEmbedder
+from poolsvc.engine.config import ConfigError
 from poolsvc.engine.engine import Engine
 
 log = logging.getLogger("poolsvc.batch")
@@ -66,6 +67,8 @@ def run_batch(config: BatchConfig) -> Summary:
     engine.start()
     try:
         return _Run(config, engine, state, total).run()
+    except ckpt.ResumeError as exc:
+        raise BatchError(str(exc)) from None
     finally:
         engine.shutdown(discard=True)
 
@@ -129,8 +132,9 @@ class _Run:
                                         fresh)
                 else:
                     self.sink = ParquetParts(config.output, state.parts, self._id_type())
-        except ckpt.ResumeError as exc:
-            raise BatchError(str(exc)) from None
+        except ImportError:
+            raise ConfigError("Parquet output needs pyarrow: pip install 'poolsvc[parquet]'") \
+                from None
 
     def _id_type(self):
         import pyarrow as pa
