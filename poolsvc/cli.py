@@ -1,4 +1,5 @@
-"""`poolsvc serve`: the command line, generated from ServerConfig."""
+"""The `poolsvc` command line: `serve` generated from ServerConfig, `run-batch` from
+BatchConfig."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import sys
 
 from poolsvc import __version__
+from poolsvc.batch.config import BatchConfig
 from poolsvc.config import ConfigError, ServerConfig
 
 
@@ -24,11 +26,14 @@ def _flag_type(parse):
     return convert
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(ServerConfig):
+def _add_config_flags(parser: argparse.ArgumentParser, config: type = ServerConfig) -> None:
+    for f in dataclasses.fields(config):
         meta = f.metadata
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        if "repeat" in meta:
+        if meta.get("required"):
+            parser.add_argument(meta["short"], flag, dest=f.name, required=True,
+                                metavar=meta.get("metavar"), help=meta["help"])
+        elif "repeat" in meta:
             parser.add_argument(flag, dest=f.name, action="append", type=_flag_type(meta["repeat"]),
                                 metavar=meta.get("metavar"), help=meta["help"])
         elif isinstance(f.default, bool):
@@ -48,6 +53,8 @@ examples:
   poolsvc serve                  the bundled default model on {ServerConfig().address}
   poolsvc serve --model BAAI/bge-m3 --model rerank=BAAI/bge-reranker-v2-m3
   poolsvc serve --help           every serving flag, with its default
+  poolsvc run-batch -i corpus.jsonl -o vectors.npy
+                                 embed a corpus in this process (resumable)
 
 The RPCs, health and reflection are described in the README and in protos/poolsvc/v1/."""
 
@@ -60,22 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve models over gRPC (health and reflection on)",
                            description="Serve pooling models over gRPC (health and reflection on).")
     _add_config_flags(serve)
+    batch = sub.add_parser(
+        "run-batch", help="embed (or score, classify) a whole file in this process, resumably",
+        description="Run an OpenAI batch file (as vLLM's run-batch), or embed every text of a "
+        "JSON lines, text or Parquet file into .npy or Parquet, in this process. Killed at any "
+        "point, the same command continues where it stopped.")
+    _add_config_flags(batch, BatchConfig)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
+def config_from_args(args: argparse.Namespace, config: type = ServerConfig):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config)}
     for name in ("models", "pooler_configs"):  # repeatable flags
         if values[name] is None:
             del values[name]
         else:
             values[name] = tuple(values[name])
-    return ServerConfig(**values)
+    return config(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "run-batch":
+        return _run_batch(parser, args)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -101,6 +116,23 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    return 0
+
+
+def _run_batch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args, BatchConfig)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from poolsvc.batch.run import BatchError, run_batch
+    from poolsvc.engine.errors import EngineError
+    try:
+        run_batch(config)
+    except (ConfigError, EngineError, BatchError) as exc:
+        logging.getLogger("poolsvc.batch").error("run-batch stopped: %s", exc)
+        return 1
     return 0
 
 
