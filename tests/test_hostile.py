@@ -393,9 +393,18 @@ def test_cancelled_streams_log_no_errors(guarded, channel):
         call = stub.EmbedStream(items, metadata=AUTH, timeout=300)
         next(call)
         call.cancel()
-    # the server is still fine, and said nothing alarming about the cancelled streams
-    reply = stub.Embed(embed_pb2.EmbedRequest(inputs=texts("still here")), metadata=AUTH,
-                       timeout=60)
+    # the server is still fine, and said nothing alarming about the cancelled streams. On a
+    # loaded machine the cancelled streams' queued work may still be draining: the server then
+    # sheds with RESOURCE_EXHAUSTED ("retry with backoff"), which is what a client does here.
+    for attempt in range(30):
+        try:
+            reply = stub.Embed(embed_pb2.EmbedRequest(inputs=texts("still here")),
+                               metadata=AUTH, timeout=60)
+            break
+        except grpc.RpcError as err:
+            if err.code() != EXHAUSTED or attempt == 29:
+                raise
+            time.sleep(2)
     assert list(reply.embeddings.shape) == [1, 384]
     log = guarded.log()
     assert "Task was destroyed" not in log and " ERROR " not in log, log[-3000:]

@@ -190,8 +190,14 @@ def test_sigterm_under_load_loses_nothing(tmp_path, reference):
         runner.join(120)
         srv.terminate()
     assert load.wrong == 0 and load.ok > 100
+    # A unary call reaching the server in the instant its port closes is ended by gRPC's core
+    # with CANCELLED "CANCELLED" before any handler runs (grpc/grpc#41785); the clients' service
+    # config retries it, but on a loaded machine the retries can run out against the closed
+    # port. Anything else is a poolsvc error.
     unary = [f for f in load.failures if f not in load.stream_calls_failed]
-    assert {code for code, _ in unary} <= {grpc.StatusCode.UNAVAILABLE}, unary[:5]
+    core = (grpc.StatusCode.CANCELLED, "CANCELLED")
+    assert {code for code, details in unary if (code, details) != core} <= \
+        {grpc.StatusCode.UNAVAILABLE}, unary[:5]
     # The port stays open through the drain, so these callers keep opening streams (refused
     # with UNAVAILABLE) until it closes. A stream the client is still writing at that instant
     # ends as gRPC's client reports a closing server under a stream: CANCELLED, or "Internal
