@@ -69,8 +69,8 @@ class TransformersModel(Backend):
 
 
 # A masked LM's head on hidden states -> vocabulary logits, by model type (transformers' names).
+# BERT's is packed code (models/bert.py).
 _MLM_HEADS = {
-    "bert": lambda m: m.cls,
     "roberta": lambda m: m.lm_head,
     "xlm-roberta": lambda m: m.lm_head,
     "camembert": lambda m: m.lm_head,
