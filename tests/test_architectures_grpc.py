@@ -9,7 +9,7 @@ import torch
 import transformers
 from conftest import ServerProcess
 from poolsvc_client import decode_tensor
-from tiny_models import bert_classifier, decoder, tiny_bert, xlmr_classifier
+from tiny_models import bert_classifier, decoder, encoder_family, tiny_bert, xlmr_classifier
 
 from poolsvc.gen.v1 import (
     classify_pb2,
@@ -33,6 +33,7 @@ EMBEDDERS = {
               "last"),
     "mistral": (lambda d, m: decoder(d, "Mistral", seed=11, **DEC), "MistralModel", "last"),
     "llama": (lambda d, m: decoder(d, "Llama", seed=12), "LlamaModel", "last"),
+    "mpnet": (lambda d, m: encoder_family(d, m, "mpnet", seed=19), "MPNetModel", "cls"),
 }
 CLASSIFIERS = {
     "bert-clf": lambda d, m: bert_classifier(d, m, 3, seed=13),
@@ -45,6 +46,8 @@ CLASSIFIERS = {
                                       num_labels=3),
     "mistral-clf": lambda d, m: decoder(d, "Mistral", "ForSequenceClassification", seed=18,
                                         num_labels=3, **DEC),
+    "mpnet-clf": lambda d, m: encoder_family(d, m, "mpnet", "ForSequenceClassification",
+                                            seed=20, num_labels=3),
 }
 
 

@@ -333,3 +333,60 @@ def token_classifier(directory: Path, minilm_path: Path, family: str = "bert",
     _perturb(model.eval())
     model.save_pretrained(directory)
     return directory
+
+
+# --- encoder families beyond BERT: MPNet, DistilBERT, ModernBERT --------------------------------
+
+# Odd head counts and small widths; ModernBERT's local layers see 4 tokens either side
+# (local_attention 8), so most test inputs are longer than its sliding window.
+FAMILY_CONFIGS = {
+    "mpnet": dict(hidden_size=45, num_hidden_layers=2, num_attention_heads=3,
+                  intermediate_size=64, max_position_embeddings=202, pad_token_id=1,
+                  bos_token_id=0, eos_token_id=2),
+    "distilbert": dict(dim=36, n_layers=2, n_heads=3, hidden_dim=64,
+                       max_position_embeddings=128),
+    "modernbert": dict(hidden_size=60, num_hidden_layers=4, num_attention_heads=5,
+                       intermediate_size=40, max_position_embeddings=128, local_attention=8,
+                       global_attn_every_n_layers=3, global_rope_theta=160000.0,
+                       local_rope_theta=10000.0, pad_token_id=0, cls_token_id=101,
+                       sep_token_id=102, bos_token_id=101, eos_token_id=102),
+}
+FAMILY_CLASSES = {"mpnet": "MPNet", "distilbert": "DistilBert", "modernbert": "ModernBert"}
+
+
+def wordpiece_tokenizer(directory: Path, minilm_path: Path) -> int:
+    """MiniLM's WordPiece tokenizer ([CLS] 101, [SEP] 102, [PAD] 0) without token type ids, as
+    DistilBERT's and ModernBERT's tokenizers have none. Returns the vocabulary size."""
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_path / name, directory / name)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["model_input_names"] = ["input_ids", "attention_mask"]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return 30522
+
+
+def encoder_family(directory: Path, minilm_path: Path, family: str, task: str = "Model",
+                   seed: int = 0, **config_kw) -> Path:
+    """A tiny random transformers `family` model ("mpnet", "distilbert", "modernbert"; task
+    "Model", "ForSequenceClassification" or "ForTokenClassification"), saved with a tokenizer:
+    MPNet a byte-level BPE one with MPNet's special ids (<s> 0, <pad> 1, </s> 2), the others
+    MiniLM's WordPiece."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if family == "mpnet":
+        vocab = bpe_tokenizer(directory, "roberta")
+    else:
+        vocab = wordpiece_tokenizer(directory, minilm_path)
+    prefix = FAMILY_CLASSES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{prefix}Config")(
+        vocab_size=vocab, **{**FAMILY_CONFIGS[family], **config_kw})
+    model = getattr(transformers, f"{prefix}{task}")(config).eval()
+    with torch.no_grad():  # trained norms are not identity, trained biases not zero
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name.lower():
+                p.add_(torch.randn_like(p) * 0.1)
+    _perturb(model, scale=0.0)
+    model.save_pretrained(directory)
+    return directory

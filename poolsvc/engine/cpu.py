@@ -9,7 +9,8 @@ activations (docs/benchmarks.md has the profiles). So:
   blocked layout, and runs through `torch.ops.mkldnn._linear_pointwise` (the op inductor's
   CPU freezing pass emits), in float32 or bfloat16 (AVX512-BF16 or AMX where the CPU has them);
 - the bias, the GELU and the residual add run inside the matrix product, as oneDNN post-ops;
-- BERT's query, key and value are one matrix product, gathered once per attention bucket;
+- the query, key and value of BERT-style layers (BERT, RoBERTa, MPNet, DistilBERT) are one
+  matrix product, gathered once per attention bucket;
 - a batch runs in slices of whole sequences of about SLICE_TOKENS tokens (see _in_slices).
 
 The results are the same computation up to float rounding (the tests compare every family with
@@ -23,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poolsvc.engine.layers import qkv_attention
+from poolsvc.engine.layers import FUSED_GELU, activation, qkv_attention
 from poolsvc.engine.models.bert import BertForMaskedLM, BertLayer, BertModel
+from poolsvc.engine.models.mpnet import MPNetLayer, MPNetModel
 from poolsvc.engine.packing import PackedBatch
 
 # Task heads stay as they are: a few rows per batch, and their outputs are the answers.
@@ -112,27 +114,46 @@ class PackedLinear(nn.Module):
 
 
 class FusedBertLayer(nn.Module):
-    """BertLayer: one [3 * hidden, hidden] product for query, key and value, then attention,
-    then the rest of the layer (output product + residual + LayerNorm, FFN) one block of rows at
-    a time, so a block's [rows, intermediate] activations stay in cache between its products."""
+    """A post-norm encoder layer (BERT's; MPNet's and DistilBERT's under their names): one
+    [3 * hidden, hidden] product for query, key and value, then attention, then the rest of the
+    layer (output product + residual + LayerNorm, FFN) one block of rows at a time, so a block's
+    [rows, intermediate] activations stay in cache between its products."""
 
-    def __init__(self, layer: BertLayer):
+    def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear, num_heads: int,
+                 attention_output: nn.Linear, attention_norm: nn.LayerNorm,
+                 intermediate: nn.Linear, hidden_act: str, output: nn.Linear,
+                 output_norm: nn.LayerNorm):
         super().__init__()
-        attn = layer.attention.self
-        self.num_heads = attn.num_heads
-        self.qkv = PackedLinear.of(attn.query, attn.key, attn.value)
-        self.attention_output = PackedLinear.of(layer.attention.output.dense)
-        self.attention_norm = layer.attention.output.LayerNorm
-        inter = layer.intermediate
-        self.intermediate = PackedLinear.of(inter.dense, gelu=inter.gelu)
+        self.num_heads = num_heads
+        self.qkv = PackedLinear.of(query, key, value)
+        self.attention_output = PackedLinear.of(attention_output)
+        self.attention_norm = attention_norm
+        gelu = FUSED_GELU.get(hidden_act)
+        self.intermediate = PackedLinear.of(intermediate, gelu=gelu)
         # activations oneDNN has no post-op for run after the product
-        self.act = None if inter.gelu is not None else inter.act
-        self.output = PackedLinear.of(layer.output.dense)
-        self.output_norm = layer.output.LayerNorm
+        self.act = None if gelu is not None else activation(hidden_act)
+        self.output = PackedLinear.of(output)
+        self.output_norm = output_norm
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    @classmethod
+    def of_bert(cls, layer: BertLayer, hidden_act: str) -> FusedBertLayer:
+        attn = layer.attention.self
+        return cls(attn.query, attn.key, attn.value, attn.num_heads,
+                   layer.attention.output.dense, layer.attention.output.LayerNorm,
+                   layer.intermediate.dense, hidden_act, layer.output.dense,
+                   layer.output.LayerNorm)
+
+    @classmethod
+    def of_mpnet(cls, layer: MPNetLayer, hidden_act: str) -> FusedBertLayer:
+        attn = layer.attention.attn
+        return cls(attn.q, attn.k, attn.v, attn.num_heads, attn.o, layer.attention.LayerNorm,
+                   layer.intermediate.dense, hidden_act, layer.output.dense,
+                   layer.output.LayerNorm)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, bias=None) -> torch.Tensor:
+        """`bias`: MPNet's relative-position bias (layers.varlen_attention)."""
         qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1)  # [num_tokens, 3, heads, d]
-        context = qkv_attention(qkv, batch).flatten(1)  # [num_tokens, hidden]
+        context = qkv_attention(qkv, batch, bias=bias).flatten(1)  # [num_tokens, hidden]
         return by_blocks(self._after_attention, context, x)
 
     def _after_attention(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -148,10 +169,11 @@ def optimize(module: nn.Module) -> int:
     it runs through oneDNN. The module must already be on the CPU in its serving dtype."""
     module.forward = _in_slices(module.forward)
     count = 0
-    if isinstance(module, BertModel):  # RoBERTa and XLM-R too: the same layers
-        layers = module.encoder.layer
+    if isinstance(module, (BertModel, MPNetModel)):  # RoBERTa and XLM-R too: the same layers
+        layers, act = module.encoder.layer, module.config.hidden_act
+        fuse = FusedBertLayer.of_bert if isinstance(module, BertModel) else FusedBertLayer.of_mpnet
         for i, layer in enumerate(layers):
-            layers[i] = FusedBertLayer(layer)
+            layers[i] = fuse(layer, act)
             count += 4
     if isinstance(module, BertForMaskedLM):  # SPLADE: the vocabulary projection, 2.4x faster
         predictions = module.cls.predictions

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,12 @@ ACTIVATIONS = {
 }
 
 
+# hidden_act -> the form of a GELU fused after a matrix product (the bias + GELU kernel, oneDNN's
+# post-op): "none" (erf) or "tanh"; None for activations without one
+FUSED_GELU = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh",
+              "gelu_pytorch_tanh": "tanh"}
+
+
 def activation(name: str):
     try:
         return ACTIVATIONS[name]
@@ -60,44 +67,60 @@ def _cuda_varlen():
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
-                     causal: bool = False) -> torch.Tensor:
+                     causal: bool = False, window: int | None = None,
+                     bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Attention within each packed sequence: bidirectional, or causal for decoders.
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim] with kv_heads
-    dividing heads (grouped-query attention); returns [num_tokens, heads, head_dim]. On CUDA this
-    is flash varlen attention. CPU SDPA has no varlen form: sequences of similar length are
-    padded together (the batch's buckets), so padding costs at most BUCKET_SLACK.
+    dividing heads (grouped-query attention); returns [num_tokens, heads, head_dim]. `window`:
+    a token sees only those at most `window` positions away (ModernBERT's local layers). `bias`:
+    width -> [heads, width, width], added to the scores of a sequence padded to that width
+    (MPNet's relative positions, the same for every sequence). On CUDA this is flash varlen
+    attention unless a window or a bias is given. CPU SDPA has no varlen form: sequences of
+    similar length are padded together (the batch's buckets), so padding costs at most
+    BUCKET_SLACK.
     """
     num_tokens, heads, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
     gqa = k.shape[1] != heads
-    if q.is_cuda and (found := _cuda_varlen()) is not None:
+    window = _needed(window, batch)
+    if q.is_cuda and window is None and bias is None and (found := _cuda_varlen()) is not None:
         varlen, causal_kw = found
         return varlen(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
                       batch.max_seqlen, scale=scale, enable_gqa=gqa,
                       **(causal_kw if causal else {}))
-    return _cpu_attention((q, k, v), batch, causal, scale, gqa)
+    return _padded_attention((q, k, v), batch, causal, scale, gqa, window, bias)
 
 
-def qkv_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+def qkv_attention(qkv: torch.Tensor, batch: PackedBatch, window: int | None = None,
+                  bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Bidirectional attention of one projection's query, key and value side by side,
     qkv [num_tokens, 3, heads, head_dim]; returns [num_tokens, heads, head_dim]. On the CPU each
-    bucket's rows are gathered and padded once for the three."""
+    bucket's rows are gathered and padded once for the three. `window`, `bias`: as
+    varlen_attention's."""
     if qkv.is_cuda:
-        return varlen_attention(*qkv.unbind(1), batch)
-    return _cpu_attention(qkv, batch, False, 1.0 / math.sqrt(qkv.shape[-1]), False)
+        return varlen_attention(*qkv.unbind(1), batch, window=window, bias=bias)
+    return _padded_attention(qkv, batch, False, 1.0 / math.sqrt(qkv.shape[-1]), False,
+                             _needed(window, batch), bias)
 
 
-def _cpu_attention(x, batch: PackedBatch, causal: bool, scale: float,
-                   gqa: bool) -> torch.Tensor:
-    """x: (q, k, v), or qkv [num_tokens, 3, heads, head_dim]."""
+def _needed(window: int | None, batch: PackedBatch) -> int | None:
+    """The window, or None when no sequence of the batch is long enough for it to matter."""
+    return window if window is not None and batch.max_seqlen - 1 > window else None
+
+
+def _padded_attention(x, batch: PackedBatch, causal: bool, scale: float, gqa: bool,
+                      window: int | None = None,
+                      bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """x: (q, k, v), or qkv [num_tokens, 3, heads, head_dim]. Runs on any device."""
     buckets = batch.buckets
     if len(buckets) == 1 and buckets[0].start == 0:  # every row, in order: nothing to scatter
-        return _bucket_attention(x, buckets[0], causal, scale, gqa)
+        return _bucket_attention(x, buckets[0], causal, scale, gqa, window, bias)
     q = x[0] if isinstance(x, tuple) else x[:, 0]
     out = q.new_empty(q.shape)
     for bucket in buckets:
-        out.index_copy_(0, bucket.rows, _bucket_attention(x, bucket, causal, scale, gqa))
+        out.index_copy_(0, bucket.rows,
+                        _bucket_attention(x, bucket, causal, scale, gqa, window, bias))
     return out
 
 
@@ -108,15 +131,19 @@ SHORT_WIDTH = 64
 
 
 def _short_attention(q, k, v, mask, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v for [num_seqs, heads, width, head_dim] inputs."""
+    """softmax(q k^T * scale + mask) v for [num_seqs, heads, width, head_dim] inputs; mask is
+    boolean (True: attend) or added to the scores."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [num_seqs, heads, width, width]
-    if mask is not None:
+    if mask is not None and mask.dtype is torch.bool:
         scores.masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
+        scores.add_(mask)
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
-def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float,
-                      gqa: bool) -> torch.Tensor:
+def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gqa: bool,
+                      window: int | None = None,
+                      bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """SDPA over one bucket's sequences padded to [num_seqs, heads, max_seqlen, head_dim];
     returns their rows in bucket order."""
     num_seqs, width = bucket.num_seqs, bucket.max_seqlen
@@ -138,8 +165,18 @@ def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float,
         q, k, v = pad(x).permute(2, 0, 3, 1, 4).unbind(0)
     heads, head_dim = q.shape[1], q.shape[3]
     mask = bucket.key_mask
-    if causal and mask is not None:
-        mask = mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
+    window = window if window is not None and width - 1 > window else None
+    if causal and (mask is not None or window is not None or bias is not None):
+        tril = torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
+        mask = tril if mask is None else mask & tril
+    if window is not None:
+        distance = torch.arange(width, device=q.device)
+        band = (distance[:, None] - distance[None, :]).abs() <= window  # [width, width]
+        mask = band if mask is None else mask & band
+    if bias is not None:  # scores + bias where attended, -inf elsewhere
+        scores_bias = bias(width).to(q.dtype)  # [heads, width, width]
+        mask = scores_bias if mask is None else torch.where(
+            mask, scores_bias, float("-inf"))  # [num_seqs or 1, heads, width, width]
     if width <= SHORT_WIDTH and q.dtype is torch.float32 and not causal and not gqa:
         out = _short_attention(q, k, v, mask, scale)
     else:

@@ -5,7 +5,7 @@ transformers (models/hf_fallback.py)."""
 
 from __future__ import annotations
 
-from poolsvc.engine.models import bert, llama, qwen2, qwen3, roberta
+from poolsvc.engine.models import bert, llama, mpnet, qwen2, qwen3, roberta
 
 # Hugging Face `architectures[0]` -> (module, class name); the class builds from config.json.
 ARCHITECTURES = {
@@ -19,6 +19,10 @@ ARCHITECTURES = {
     "RobertaForSequenceClassification": (roberta, "RobertaForSequenceClassification"),
     "XLMRobertaModel": (roberta, "XLMRobertaModel"),
     "XLMRobertaForSequenceClassification": (roberta, "XLMRobertaForSequenceClassification"),
+    "MPNetModel": (mpnet, "MPNetModel"),
+    "MPNetForMaskedLM": (mpnet, "MPNetModel"),  # all-mpnet-base-v2's config names this
+    "MPNetForSequenceClassification": (mpnet, "MPNetForSequenceClassification"),
+    "MPNetForTokenClassification": (mpnet, "MPNetForTokenClassification"),
     "LlamaModel": (llama, "LlamaModel"),
     "LlamaForCausalLM": (llama, "LlamaModel"),
     "LlamaForSequenceClassification": (llama, "LlamaForSequenceClassification"),
@@ -44,6 +48,7 @@ MODEL_TYPES = {
     "bert": "BertModel",
     "roberta": "RobertaModel",
     "xlm-roberta": "XLMRobertaModel",
+    "mpnet": "MPNetModel",
     "llama": "LlamaModel",
     "mistral": "MistralModel",
     "qwen2": "Qwen2Model",

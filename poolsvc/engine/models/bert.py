@@ -11,7 +11,7 @@ from torch import nn
 from poolsvc.engine.backend import Backend
 from poolsvc.engine.description import Kind
 from poolsvc.engine.fused import kernels
-from poolsvc.engine.layers import activation, varlen_attention
+from poolsvc.engine.layers import FUSED_GELU, activation, varlen_attention
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import PoolingType
 
@@ -100,11 +100,6 @@ class BertAttention(nn.Module):
         return self.output(self.self(x, batch), x)
 
 
-# hidden_act -> the fused bias + GELU kernel's form
-_FUSED_GELU = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh",
-               "gelu_pytorch_tanh": "tanh"}
-
-
 class BertIntermediate(nn.Module):
     fused = False  # bias + GELU in one kernel after the matrix product (engine/fused.py)
 
@@ -112,7 +107,7 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.act = activation(cfg.hidden_act)
-        self.gelu = _FUSED_GELU.get(cfg.hidden_act)
+        self.gelu = FUSED_GELU.get(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and self.gelu is not None:
