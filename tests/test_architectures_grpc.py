@@ -34,6 +34,8 @@ EMBEDDERS = {
     "mistral": (lambda d, m: decoder(d, "Mistral", seed=11, **DEC), "MistralModel", "last"),
     "llama": (lambda d, m: decoder(d, "Llama", seed=12), "LlamaModel", "last"),
     "mpnet": (lambda d, m: encoder_family(d, m, "mpnet", seed=19), "MPNetModel", "cls"),
+    "distilbert": (lambda d, m: encoder_family(d, m, "distilbert", seed=21), "DistilBertModel",
+                   "cls"),
 }
 CLASSIFIERS = {
     "bert-clf": lambda d, m: bert_classifier(d, m, 3, seed=13),
@@ -48,6 +50,8 @@ CLASSIFIERS = {
                                         num_labels=3, **DEC),
     "mpnet-clf": lambda d, m: encoder_family(d, m, "mpnet", "ForSequenceClassification",
                                             seed=20, num_labels=3),
+    "distilbert-clf": lambda d, m: encoder_family(d, m, "distilbert", "ForSequenceClassification",
+                                                 seed=22, num_labels=3),
 }
 
 

@@ -26,11 +26,12 @@ from torch import nn
 
 from poolsvc.engine.layers import FUSED_GELU, activation, qkv_attention
 from poolsvc.engine.models.bert import BertForMaskedLM, BertLayer, BertModel
+from poolsvc.engine.models.distilbert import DistilBertModel, TransformerBlock
 from poolsvc.engine.models.mpnet import MPNetLayer, MPNetModel
 from poolsvc.engine.packing import PackedBatch
 
 # Task heads stay as they are: a few rows per batch, and their outputs are the answers.
-_KEEP = ("classifier", "score", "pooler")
+_KEEP = ("classifier", "pre_classifier", "score", "pooler")
 
 _linear = torch.ops.mkldnn._linear_pointwise
 
@@ -150,6 +151,12 @@ class FusedBertLayer(nn.Module):
                    layer.intermediate.dense, hidden_act, layer.output.dense,
                    layer.output.LayerNorm)
 
+    @classmethod
+    def of_distilbert(cls, layer: TransformerBlock, hidden_act: str) -> FusedBertLayer:
+        attn, ffn = layer.attention, layer.ffn
+        return cls(attn.q_lin, attn.k_lin, attn.v_lin, attn.n_heads, attn.out_lin,
+                   layer.sa_layer_norm, ffn.lin1, hidden_act, ffn.lin2, layer.output_layer_norm)
+
     def forward(self, x: torch.Tensor, batch: PackedBatch, bias=None) -> torch.Tensor:
         """`bias`: MPNet's relative-position bias (layers.varlen_attention)."""
         qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1)  # [num_tokens, 3, heads, d]
@@ -169,12 +176,13 @@ def optimize(module: nn.Module) -> int:
     it runs through oneDNN. The module must already be on the CPU in its serving dtype."""
     module.forward = _in_slices(module.forward)
     count = 0
-    if isinstance(module, (BertModel, MPNetModel)):  # RoBERTa and XLM-R too: the same layers
-        layers, act = module.encoder.layer, module.config.hidden_act
-        fuse = FusedBertLayer.of_bert if isinstance(module, BertModel) else FusedBertLayer.of_mpnet
-        for i, layer in enumerate(layers):
-            layers[i] = fuse(layer, act)
-            count += 4
+    if isinstance(module, BertModel):  # RoBERTa and XLM-R too: the same layers
+        count += _fuse(module.encoder.layer, FusedBertLayer.of_bert, module.config.hidden_act)
+    elif isinstance(module, MPNetModel):
+        count += _fuse(module.encoder.layer, FusedBertLayer.of_mpnet, module.config.hidden_act)
+    elif isinstance(module, DistilBertModel):
+        count += _fuse(module.transformer.layer, FusedBertLayer.of_distilbert,
+                       module.config.activation)
     if isinstance(module, BertForMaskedLM):  # SPLADE: the vocabulary projection, 2.4x faster
         predictions = module.cls.predictions
         weight = module.embeddings.word_embeddings.weight if predictions.decoder is None \
@@ -182,6 +190,12 @@ def optimize(module: nn.Module) -> int:
         predictions.vocab = PackedLinear(weight, predictions.bias)
         count += 1
     return count + _pack_linears(module)
+
+
+def _fuse(layers: nn.ModuleList, fused, hidden_act: str) -> int:
+    for i, layer in enumerate(layers):
+        layers[i] = fused(layer, hidden_act)
+    return 4 * len(layers)
 
 
 def _in_slices(forward):

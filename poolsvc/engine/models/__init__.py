@@ -5,7 +5,7 @@ transformers (models/hf_fallback.py)."""
 
 from __future__ import annotations
 
-from poolsvc.engine.models import bert, llama, mpnet, qwen2, qwen3, roberta
+from poolsvc.engine.models import bert, distilbert, llama, mpnet, qwen2, qwen3, roberta
 
 # Hugging Face `architectures[0]` -> (module, class name); the class builds from config.json.
 ARCHITECTURES = {
@@ -23,6 +23,10 @@ ARCHITECTURES = {
     "MPNetForMaskedLM": (mpnet, "MPNetModel"),  # all-mpnet-base-v2's config names this
     "MPNetForSequenceClassification": (mpnet, "MPNetForSequenceClassification"),
     "MPNetForTokenClassification": (mpnet, "MPNetForTokenClassification"),
+    "DistilBertModel": (distilbert, "DistilBertModel"),
+    "DistilBertForMaskedLM": (distilbert, "DistilBertModel"),  # a body (SPLADE: hf_fallback)
+    "DistilBertForSequenceClassification": (distilbert, "DistilBertForSequenceClassification"),
+    "DistilBertForTokenClassification": (distilbert, "DistilBertForTokenClassification"),
     "LlamaModel": (llama, "LlamaModel"),
     "LlamaForCausalLM": (llama, "LlamaModel"),
     "LlamaForSequenceClassification": (llama, "LlamaForSequenceClassification"),
@@ -49,6 +53,7 @@ MODEL_TYPES = {
     "roberta": "RobertaModel",
     "xlm-roberta": "XLMRobertaModel",
     "mpnet": "MPNetModel",
+    "distilbert": "DistilBertModel",
     "llama": "LlamaModel",
     "mistral": "MistralModel",
     "qwen2": "Qwen2Model",
