@@ -36,6 +36,8 @@ EMBEDDERS = {
     "mpnet": (lambda d, m: encoder_family(d, m, "mpnet", seed=19), "MPNetModel", "cls"),
     "distilbert": (lambda d, m: encoder_family(d, m, "distilbert", seed=21), "DistilBertModel",
                    "cls"),
+    "modernbert": (lambda d, m: encoder_family(d, m, "modernbert", seed=23), "ModernBertModel",
+                   "cls"),
 }
 CLASSIFIERS = {
     "bert-clf": lambda d, m: bert_classifier(d, m, 3, seed=13),
@@ -52,6 +54,8 @@ CLASSIFIERS = {
                                             seed=20, num_labels=3),
     "distilbert-clf": lambda d, m: encoder_family(d, m, "distilbert", "ForSequenceClassification",
                                                  seed=22, num_labels=3),
+    "modernbert-clf": lambda d, m: encoder_family(d, m, "modernbert", "ForSequenceClassification",
+                                                 seed=24, num_labels=3),
 }
 
 

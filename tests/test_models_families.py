@@ -5,6 +5,9 @@ SentenceTransformer.encode through the offline API."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,7 @@ from tiny_models import FAMILY_CLASSES, encoder_family, load_ours, st_pipeline
 
 from poolsvc import LLM
 from poolsvc.engine import cpu
+from poolsvc.engine.errors import ModelLoadError
 from poolsvc.engine.models import ARCHITECTURES
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.pooler import sequence_rows
@@ -159,3 +163,41 @@ def test_offline_classifiers(checkpoints, family):
         got = llm.encode(TEXTS, pooling_task="token_classify")
     for g, want in zip(got, want_tags):
         np.testing.assert_allclose(g.outputs.data.numpy(), want, atol=ATOL)
+
+
+def test_masked_lms_are_bodies_and_splade_stays_on_transformers(tmp_path, minilm_path):
+    directory = encoder_family(tmp_path / "mlm", minilm_path, "modernbert", "ForMaskedLM",
+                               seed=11)
+    hf = transformers.ModernBertModel.from_pretrained(directory).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    with torch.no_grad():
+        want = [torch.nn.functional.normalize(hf(**tok(t, return_tensors="pt"))
+                                              .last_hidden_state[0, 0], dim=-1).numpy()
+                for t in TEXTS]
+    with LLM(str(directory), **CPU) as llm:
+        assert llm.engine.model("").implementation == "poolsvc"
+        got = [o.outputs.embedding for o in llm.embed(TEXTS)]
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=ATOL)
+    with LLM(str(directory), pooler_config={"pooling_type": "SPLADE"}, **CPU) as llm:
+        assert llm.engine.model("").implementation == "transformers"
+        assert len(llm.embed(TEXTS[:1])[0].outputs.embedding) == hf.config.vocab_size
+
+
+@pytest.mark.parametrize("family,change,message", [
+    ("mpnet", {"relative_attention_num_buckets": 16}, "relative_attention_num_buckets 16"),
+    ("mpnet", {"max_position_embeddings": 2}, "leaves no positions"),
+    ("distilbert", {"n_heads": 5}, "dim must be a multiple of n_heads"),
+    ("distilbert", {"activation": "swiglu"}, "activation 'swiglu' is not supported"),
+    ("modernbert", {"hidden_activation": "geglu"}, "hidden_activation 'geglu' is not supported"),
+    ("modernbert", {"classifier_pooling": "max"}, "classifier_pooling 'max' is not supported"),
+    ("modernbert", {"layer_types": ["full_attention"]}, "layer_types must name 4 layers"),
+    ("modernbert", {"rope_parameters": {"full_attention": {"rope_type": "yarn"}}},
+     "rope_type 'yarn' is not supported"),
+])
+def test_unsupported_configs_are_named(checkpoints, tmp_path, family, change, message):
+    """The loader refuses them with the reason, not with a shape error or at the first batch."""
+    directory = shutil.copytree(checkpoints[family]["ForSequenceClassification"], tmp_path / "m")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ModelLoadError, match=f"does not describe a usable.*{message}"):
+        LLM(str(directory), **CPU)

@@ -46,12 +46,13 @@ FUSED_GELU = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh",
               "gelu_pytorch_tanh": "tanh"}
 
 
-def activation(name: str):
+def activation(name: str, option: str = "hidden_act"):
+    """The function config.json's `option` names."""
     try:
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(
-            f"hidden_act {name!r} is not supported; known: {sorted(ACTIVATIONS)}") from None
+            f"{option} {name!r} is not supported; known: {sorted(ACTIVATIONS)}") from None
 
 
 @functools.cache

@@ -5,7 +5,16 @@ transformers (models/hf_fallback.py)."""
 
 from __future__ import annotations
 
-from poolsvc.engine.models import bert, distilbert, llama, mpnet, qwen2, qwen3, roberta
+from poolsvc.engine.models import (
+    bert,
+    distilbert,
+    llama,
+    modernbert,
+    mpnet,
+    qwen2,
+    qwen3,
+    roberta,
+)
 
 # Hugging Face `architectures[0]` -> (module, class name); the class builds from config.json.
 ARCHITECTURES = {
@@ -27,6 +36,10 @@ ARCHITECTURES = {
     "DistilBertForMaskedLM": (distilbert, "DistilBertModel"),  # a body (SPLADE: hf_fallback)
     "DistilBertForSequenceClassification": (distilbert, "DistilBertForSequenceClassification"),
     "DistilBertForTokenClassification": (distilbert, "DistilBertForTokenClassification"),
+    "ModernBertModel": (modernbert, "ModernBertModel"),
+    "ModernBertForMaskedLM": (modernbert, "ModernBertModel"),  # a body (SPLADE: hf_fallback)
+    "ModernBertForSequenceClassification": (modernbert, "ModernBertForSequenceClassification"),
+    "ModernBertForTokenClassification": (modernbert, "ModernBertForTokenClassification"),
     "LlamaModel": (llama, "LlamaModel"),
     "LlamaForCausalLM": (llama, "LlamaModel"),
     "LlamaForSequenceClassification": (llama, "LlamaForSequenceClassification"),
@@ -54,6 +67,7 @@ MODEL_TYPES = {
     "xlm-roberta": "XLMRobertaModel",
     "mpnet": "MPNetModel",
     "distilbert": "DistilBertModel",
+    "modernbert": "ModernBertModel",
     "llama": "LlamaModel",
     "mistral": "MistralModel",
     "qwen2": "Qwen2Model",

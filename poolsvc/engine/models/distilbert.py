@@ -35,7 +35,7 @@ class DistilBertConfig:
         cfg = cls(**{k: config[k] for k in cls.__dataclass_fields__ if k in config})
         if cfg.dim % cfg.n_heads:
             raise ValueError("dim must be a multiple of n_heads")
-        activation(cfg.activation)  # unknown names raise here, not at the first forward
+        activation(cfg.activation, "activation")  # unknown names raise here, not later
         return cfg
 
 
