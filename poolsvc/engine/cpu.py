@@ -11,6 +11,7 @@ activations (docs/benchmarks.md has the profiles). So:
 - the bias, the GELU and the residual add run inside the matrix product, as oneDNN post-ops;
 - the query, key and value of BERT-style layers (BERT, RoBERTa, MPNet, DistilBERT) are one
   matrix product, gathered once per attention bucket;
+- ModernBERT's GeGLU as two products, the gate's multiply a post-op of the second;
 - a batch runs in slices of whole sequences of about SLICE_TOKENS tokens (see _in_slices).
 
 The results are the same computation up to float rounding (the tests compare every family with
@@ -27,6 +28,7 @@ from torch import nn
 from poolsvc.engine.layers import FUSED_GELU, activation, qkv_attention
 from poolsvc.engine.models.bert import BertForMaskedLM, BertLayer, BertModel
 from poolsvc.engine.models.distilbert import DistilBertModel, TransformerBlock
+from poolsvc.engine.models.modernbert import ModernBertEncoderLayer, ModernBertModel, attend
 from poolsvc.engine.models.mpnet import MPNetLayer, MPNetModel
 from poolsvc.engine.packing import PackedBatch
 
@@ -103,6 +105,13 @@ class PackedLinear(nn.Module):
         """self(x) + residual, the add inside the product (no GELU)."""
         return by_blocks(self._add, x, residual)
 
+    def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """self(x) * other, the product inside the matrix product."""
+        return by_blocks(self._mul, x, other)
+
+    def _mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return _linear.binary(x, other, self.packed, self.bias, "mul")
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(x, self.packed, self.bias, self.attr, [], self.algorithm)
 
@@ -171,6 +180,43 @@ class FusedBertLayer(nn.Module):
         return self.output_norm(self.output.add(h, x))
 
 
+class FusedModernBertLayer(nn.Module):
+    """ModernBertEncoderLayer with each residual add inside the product before it, and GeGLU as
+    two products: Wi's first half with its GELU as a post-op, then its second half multiplied
+    by that inside the product (no [rows, 2 * intermediate] tensor, no separate GELU and
+    product passes)."""
+
+    def __init__(self, layer: ModernBertEncoderLayer, hidden_act: str):
+        super().__init__()
+        self.attention_type = layer.attention_type
+        self.attn_norm, self.mlp_norm = layer.attn_norm, layer.mlp_norm
+        self.head_dim, self.window = layer.attn.head_dim, layer.attn.window
+        self.Wqkv = PackedLinear.of(layer.attn.Wqkv)
+        self.attn_out = PackedLinear.of(layer.attn.Wo)
+        mlp, half = layer.mlp, layer.mlp.Wo.in_features
+        gelu = FUSED_GELU.get(hidden_act)
+        bias = mlp.Wi.bias
+        self.act = None if gelu is not None else mlp.act
+        self.inputs = PackedLinear(mlp.Wi.weight[:half], None if bias is None else bias[:half],
+                                   gelu)
+        self.gate = PackedLinear(mlp.Wi.weight[half:], None if bias is None else bias[half:])
+        self.mlp_out = PackedLinear.of(mlp.Wo)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                batch: PackedBatch) -> torch.Tensor:
+        context = attend(self.Wqkv(self.attn_norm(x)), self.head_dim, self.window, cos, sin,
+                         batch)  # [num_tokens, hidden]
+        return by_blocks(self._after_attention, context, x)
+
+    def _after_attention(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn_out.add(context, x)  # [rows, hidden]
+        h = self.mlp_norm(x)
+        inputs = self.inputs(h)  # [rows, intermediate]
+        if self.act is not None:
+            inputs = self.act(inputs)
+        return self.mlp_out.add(self.gate.mul(h, inputs), x)
+
+
 def optimize(module: nn.Module) -> int:
     """Switches `module`'s body to the CPU fast path in place; returns how many matrix products
     it runs through oneDNN. The module must already be on the CPU in its serving dtype."""
@@ -183,6 +229,8 @@ def optimize(module: nn.Module) -> int:
     elif isinstance(module, DistilBertModel):
         count += _fuse(module.transformer.layer, FusedBertLayer.of_distilbert,
                        module.config.activation)
+    elif isinstance(module, ModernBertModel):
+        count += _fuse(module.layers, FusedModernBertLayer, module.config.hidden_activation)
     if isinstance(module, BertForMaskedLM):  # SPLADE: the vocabulary projection, 2.4x faster
         predictions = module.cls.predictions
         weight = module.embeddings.word_embeddings.weight if predictions.decoder is None \

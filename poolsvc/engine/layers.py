@@ -142,6 +142,13 @@ def _short_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+@functools.lru_cache(maxsize=64)
+def _band(width: int, window: int, device: torch.device) -> torch.Tensor:
+    """[width, width] bool: True where |i - j| <= window; built once per shape, not per layer."""
+    distance = torch.arange(width, device=device)
+    return (distance[:, None] - distance[None, :]).abs() <= window
+
+
 def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gqa: bool,
                       window: int | None = None,
                       bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
@@ -171,8 +178,7 @@ def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gq
         tril = torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
         mask = tril if mask is None else mask & tril
     if window is not None:
-        distance = torch.arange(width, device=q.device)
-        band = (distance[:, None] - distance[None, :]).abs() <= window  # [width, width]
+        band = _band(width, window, q.device)
         mask = band if mask is None else mask & band
     if bias is not None:  # scores + bias where attended, -inf elsewhere
         scores_bias = bias(width).to(q.dtype)  # [heads, width, width]

@@ -13,9 +13,9 @@ from torch import nn
 
 from poolsvc.engine.backend import Backend
 from poolsvc.engine.description import Kind
-from poolsvc.engine.layers import activation, varlen_attention
+from poolsvc.engine.layers import activation, qkv_attention
 from poolsvc.engine.models.bert import num_labels_of
-from poolsvc.engine.models.llama import RopeConfig, RotaryEmbedding, apply_rotary
+from poolsvc.engine.models.llama import RopeConfig, RotaryEmbedding
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import PoolingType
 
@@ -104,10 +104,31 @@ class ModernBertAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 batch: PackedBatch) -> torch.Tensor:
-        qkv = self.Wqkv(x).view(x.shape[0], 3, -1, self.head_dim)  # [num_tokens, 3, heads, d]
-        q, k, v = qkv.unbind(1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.Wo(varlen_attention(q, k, v, batch, window=self.window).flatten(1))
+        return self.Wo(attend(self.Wqkv(x), self.head_dim, self.window, cos, sin, batch))
+
+
+def attend(qkv: torch.Tensor, head_dim: int, window: int | None, cos: torch.Tensor,
+           sin: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Attention over the joined projection qkv [num_tokens, 3 * hidden]; returns
+    [num_tokens, hidden], before Wo."""
+    qkv = rotate_qk(qkv.view(qkv.shape[0], 3, -1, head_dim), cos, sin)
+    return qkv_attention(qkv, batch, window=window).flatten(1)
+
+
+def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on the query and key of qkv [num_tokens, 3, heads, head_dim], written
+    with the value into one new tensor of that shape (what attention reads), each half of
+    head_dim in two passes: transformers' x * cos + rotate_half(x) * sin without its copies.
+    cos, sin: [num_tokens, 1, head_dim] with equal halves."""
+    half = qkv.shape[-1] // 2
+    cos, sin = cos[:, None, :, :half], sin[:, None, :, :half]  # [num_tokens, 1, 1, half]
+    qk, out = qkv[:, :2], torch.empty_like(qkv)
+    x1, x2 = qk[..., :half], qk[..., half:]
+    out1, out2 = out[:, :2, :, :half], out[:, :2, :, half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)            # x2 cos + x1 sin
+    out[:, 2] = qkv[:, 2]
+    return out
 
 
 class ModernBertMLP(nn.Module):
@@ -171,7 +192,10 @@ class ModernBertModel(Backend):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         x = self.embeddings(batch)
-        rotary = {kind: emb(batch.positions, x.dtype) for kind, emb in self.rotary.items()}
+        # cos / sin of each position once (not of each token), then gathered per token
+        positions = torch.arange(batch.max_seqlen, device=x.device)
+        rotary = {kind: [t[batch.positions] for t in emb(positions, x.dtype)]
+                  for kind, emb in self.rotary.items()}  # [num_tokens, 1, head_dim] each
         for layer in self.layers:
             x = layer(x, *rotary[layer.attention_type], batch)
         return self.final_norm(x)
