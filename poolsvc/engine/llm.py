@@ -26,7 +26,14 @@ from poolsvc.engine.engine import Engine
 from poolsvc.engine.errors import EngineError, Option
 from poolsvc.engine.images import ImageInput
 from poolsvc.engine.outputs import Output, SparseEmbedOutput, SparseVector
-from poolsvc.engine.params import PoolingParams, PromptOptions, SparseOptions, Task, Truncation
+from poolsvc.engine.params import (
+    InputRole,
+    PoolingParams,
+    PromptOptions,
+    SparseOptions,
+    Task,
+    Truncation,
+)
 from poolsvc.engine.request import PoolingRequest, Prompt
 
 _ids = itertools.count()
@@ -171,11 +178,21 @@ class LLM:
 
     def encode(self, prompts, pooling_params=None, *, pooling_task: str | None = None,
                truncate_prompt_tokens: int | None = None, tokenization_kwargs: dict | None = None,
-               use_tqdm: bool = False) -> list[PoolingRequestOutput[PoolingOutput]]:
-        """The raw pooled output of `pooling_task` (default: the model's per-token task)."""
+               use_tqdm: bool = False,
+               input_role: str | None = None) -> list[PoolingRequestOutput[PoolingOutput]]:
+        """The raw pooled output of `pooling_task` (default: the model's per-token task).
+        Multi-vector (ColBERT) models: `input_role` "query" or "document" (the default) encodes
+        the prompts as that side, and each output is its [tokens, D] vectors."""
         task = Task(pooling_task) if pooling_task else self.engine.model("").default_task
+        role = None
+        if input_role is not None:
+            try:
+                role = InputRole(input_role)
+            except ValueError:
+                raise ValueError(f"input_role must be 'query' or 'document'; got "
+                                 f"{input_role!r}") from None
         outs = self._run(task, prompts, pooling_params, truncate_prompt_tokens,
-                         tokenization_kwargs, use_tqdm, raw=True)
+                         tokenization_kwargs, use_tqdm, raw=True, role=role)
         return _wrap(PoolingRequestOutput, outs,
                      lambda o: [PoolingOutput(torch.from_numpy(a)) for a in o.outputs])
 
@@ -200,7 +217,8 @@ class LLM:
     def _run(self, task: Task, prompts, pooling_params, truncate_prompt_tokens: int | None,
              tokenization_kwargs: dict | None, use_tqdm: bool, *, documents=None,
              prompt: PromptOptions = PromptOptions(), raw: bool = False,
-             sparse: SparseOptions = SparseOptions()) -> list[tuple[Output, list[int]]]:
+             sparse: SparseOptions = SparseOptions(),
+             role: InputRole | None = None) -> list[tuple[Output, list[int]]]:
         """Submits the call as requests of at most _SLICE prompts (or pairs) sharing their
         PoolingParams, all at once; returns each request's output with the positions, in the
         call, of the prompts (or pairs) it answers."""
@@ -215,7 +233,7 @@ class LLM:
             for queries, docs_slice, places in _slices(inputs, docs, members):
                 requests.append(PoolingRequest(task, queries, docs_slice, params=group,
                                                truncation=truncation, prompt=prompt, raw=raw,
-                                               sparse=sparse))
+                                               sparse=sparse, role=role))
                 positions.append(places)
         try:
             futures = [self.engine.submit(r) for r in requests]

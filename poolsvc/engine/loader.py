@@ -21,6 +21,7 @@ from poolsvc.engine.config import (
 )
 from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.errors import ModelLoadError
+from poolsvc.engine.late_interaction import LateInteractionEncoder
 from poolsvc.engine.model_files import DenseSpec, ModelFiles, read_model_files
 from poolsvc.engine.models import ARCHITECTURES, SPARSE_ARCHITECTURES, dual, hf_fallback
 from poolsvc.engine.params import PoolingType, Splade
@@ -160,6 +161,11 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
     dense = _load_dense(files.dense, backend.hidden_size, allow_pickle)
     if dense is not None:
         dense = dense.to(device=device, dtype=dtype).eval()
+    late = None
+    if files.late_interaction is not None:
+        late = LateInteractionEncoder(files.late_interaction, hf_tokenizer, files.path,
+                                      min(backend.max_positions,
+                                          max_model_len or backend.max_positions))
     use_kernels = use_kernels and device.type == "cuda" and backend.kind is not Kind.DUAL_ENCODER \
         and fused.available()
     if use_kernels:
@@ -170,8 +176,12 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
                             vocab_size=vocab_size, logit=logit, max_model_len=max_model_len)
     if isinstance(backend, AnswerReranker):
         description = dataclasses.replace(description, score_template=template)
+    if late is not None:
+        description = dataclasses.replace(description, kind=Kind.MULTI_VECTOR,
+                                          max_input_tokens=late.max_tokens,
+                                          late_interaction=files.late_interaction)
     tokenizer = TextTokenizer(hf_tokenizer, vocab_size, files.prompts, files.default_prompt_name)
-    model = ServedModel(description, backend, dense, tokenizer, device, dtype, use_kernels)
+    model = ServedModel(description, backend, dense, tokenizer, device, dtype, use_kernels, late)
     log.info("loaded %s from %s: %s (%s, %s), %s, %d dims, max %d tokens, %s pooling, %s on %s",
              spec.name, path, files.architecture, description.kind.value, implementation,
              "/".join(t.value for t in description.tasks), description.embed_dimensions,

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from poolsvc.engine import compact
-from poolsvc.engine.description import ModelDescription
+from poolsvc.engine.description import Kind, ModelDescription
+from poolsvc.engine.late_interaction import maxsim
 from poolsvc.engine.params import OutputDType, PoolingType, Task, Timing
 from poolsvc.engine.pooler import finish_rows
 from poolsvc.engine.request import now_ns
@@ -109,7 +110,7 @@ def response_bytes(req: Request, model: ModelDescription) -> int:
     if task is Task.EMBED:
         width = options.dimensions or model.embed_dimensions
     elif task is Task.TOKEN_EMBED:
-        width = model.hidden_size
+        width = model.embed_dimensions if model.kind is Kind.MULTI_VECTOR else model.hidden_size
     else:
         width = len(options.returned_token_ids or ()) or model.num_labels
     rows = sum(map(len, req.token_ids)) if options.method.per_token else len(req.token_ids)
@@ -122,6 +123,13 @@ def build_output(req: Request) -> Output:
     options, task = req.options, req.call.task
     rows = [finish_rows(row, options) if req.chunked(i) else row
             for i, row in enumerate(req.rows)]
+    offsets = req.offsets
+    if req.kept is not None:  # multi-vector: the rows scored (documents: no skip-list tokens)
+        rows = [row if keep is None else row[torch.from_numpy(keep)]
+                for row, keep in zip(rows, req.kept)]
+        if offsets is not None:
+            offsets = [spans if keep is None else [spans[k] for k in keep]
+                       for spans, keep in zip(offsets, req.kept)]
     common = dict(model=req.model_name, token_ids=req.token_ids, timing=req.timing(now_ns()))
     if task is Task.SCORE:
         return _score(req, rows, common)
@@ -133,7 +141,7 @@ def build_output(req: Request) -> Output:
         classes = task in (Task.CLASSIFY, Task.TOKEN_CLASSIFY) and \
             options.returned_token_ids is None
         return EncodeOutput(task=task, outputs=[to_numpy(r, dtype) for r in rows], dtype=dtype,
-                            labels=list(req.labels) if classes else [], offsets=req.offsets,
+                            labels=list(req.labels) if classes else [], offsets=offsets,
                             **common)
     stacked = to_numpy(torch.stack(rows), dtype)  # [num_inputs, D]
     if task is Task.EMBED:
@@ -158,6 +166,11 @@ def _sparse(row: torch.Tensor, req: Request) -> SparseVector:
 def _score(req: Request, rows: list[torch.Tensor], common: dict) -> ScoreOutput:
     if not req.pairs:  # a cross-encoder: its activated logit per pair
         return ScoreOutput(scores=torch.stack(rows)[:, 0].float().numpy(), **common)
+    common["token_ids"] = [req.token_ids[q] + req.token_ids[d] for q, d in req.pairs]
+    if req.maxsim is not None:  # a multi-vector model: MaxSim of each pair's token vectors
+        mean = req.maxsim == "mean"
+        scores = torch.stack([maxsim(rows[q], rows[d], mean) for q, d in req.pairs])
+        return ScoreOutput(scores=scores.numpy(), **common)
     # a bi-encoder: the cosine of each pair's two embeddings, in float32
     vectors = torch.stack(rows).float()
     queries, documents = zip(*req.pairs)
@@ -165,5 +178,4 @@ def _score(req: Request, rows: list[torch.Tensor], common: dict) -> ScoreOutput:
     if req.logit is not None:  # CLIP / SigLIP logits: the cosine scaled and shifted
         scale, bias = req.logit
         scores = scores * scale + bias
-    common["token_ids"] = [req.token_ids[q] + req.token_ids[d] for q, d in req.pairs]
     return ScoreOutput(scores=scores.numpy(), **common)

@@ -65,6 +65,39 @@ class SparseOptions:
         return bool(self.top_k) or self.return_tokens
 
 
+class InputRole(enum.Enum):
+    """Which side of a late-interaction match an input is on (multi-vector models)."""
+
+    QUERY = "query"
+    DOCUMENT = "document"
+
+
+@dataclass(frozen=True)
+class LateInteraction:
+    """A multi-vector (ColBERT) model's encoding of each side, from its Sentence-Transformers
+    MultiVectorEncoder or PyLate files.
+
+    Each side's `marker` (e.g. "[Q] ") is inserted after the first token when it is one token of
+    the vocabulary, else prepended to the text. Queries are padded with the `expansion_token`
+    (None: the tokenizer's mask token) to `query_length` tokens ("fixed": exactly that many, so
+    longer queries are over the limit; "min": at least that many, up to `query_max`); the
+    expansion tokens attend to the query but are not attended to, unless `attend_expansion`.
+    Document tokens whose strings are in `skiplist` (and query tokens, if `skip_queries`) are
+    dropped from the output. `mean` divides MaxSim by the query's token count ("meanmaxsim")."""
+
+    query_marker: str = ""
+    document_marker: str = ""
+    query_length: int | None = None
+    expansion: str = "fixed"
+    expansion_token: str | None = None
+    attend_expansion: bool = False
+    query_max: int | None = None
+    document_length: int | None = None
+    skiplist: tuple[str, ...] = ()
+    skip_queries: bool = False
+    mean: bool = False
+
+
 class Activation(enum.Enum):
     """What turns a head's logits into the task's output."""
 

@@ -78,7 +78,8 @@ def options_for(request: PoolingRequest, model: ModelDescription) -> PoolerOptio
     task, params = request.task, request.params
     model.check_task(task)
     allowed = set(_TASK_OPTIONS[task])
-    if task is Task.SCORE and model.scores_by_cosine and model.kind is not Kind.DUAL_ENCODER:
+    if task is Task.SCORE and (model.scores_by_cosine or model.kind is Kind.MULTI_VECTOR) and \
+            model.kind is not Kind.DUAL_ENCODER:
         allowed.discard("activation")  # a bi-encoder's score is the cosine, nothing to activate
     if request.raw and params.dimensions is not None:  # Encode returns the task's raw output
         raise InvalidInputError("dimensions does not apply to encode; leave it unset")
@@ -94,12 +95,17 @@ def options_for(request: PoolingRequest, model: ModelDescription) -> PoolerOptio
                                 model.token_pooling is PoolingType.ALL):
         raise InvalidInputError("return_offsets applies to Encode's per-token outputs (a row "
                                 "per token: token_classify, token_embed); leave it unset")
+    if request.role is not None and model.kind is not Kind.MULTI_VECTOR:
+        raise InvalidInputError(f"input_role applies to late-interaction (multi-vector) models; "
+                                f"{model.name} is {model.kind.value}: leave it unset")
     if model.kind is Kind.SPARSE:
         return _sparse_options(request, model)
     if request.sparse.requested:
         field = "sparse_top_k" if request.sparse.top_k else "return_tokens"
         raise InvalidInputError(f"{field} applies to sparse models (SPLADE); {model.name} is "
                                 f"{model.kind.value}: leave it unset")
+    if model.kind is Kind.MULTI_VECTOR:
+        return _multi_vector_options(request, model)
     if task is Task.EMBED or (task is Task.SCORE and model.scores_by_cosine):
         model.check_dimensions(params.dimensions)
         normalize = True if task is Task.SCORE else \
@@ -135,6 +141,20 @@ def _sparse_options(request: PoolingRequest, model: ModelDescription) -> PoolerO
     return PoolerOptions(PoolingType.SPLADE, Head.MODEL, splade=model.splade)
 
 
+def _multi_vector_options(request: PoolingRequest, model: ModelDescription) -> PoolerOptions:
+    """A multi-vector model's token vectors: every token through the Dense projection, then
+    normalized (as the model's files say, unless the request says otherwise). Score's MaxSim
+    takes them in float32, normalized as the model is."""
+    params = request.params
+    if request.task is Task.SCORE:
+        return PoolerOptions(PoolingType.ALL, Head.DENSE, normalize=model.normalize_default)
+    normalize = _pick(params.normalize, model.normalize_default)
+    return PoolerOptions(PoolingType.ALL, Head.DENSE, normalize=normalize,
+                         out_dtype=params.out_dtype,
+                         int8_range=_int8_range(params.out_dtype, normalize,
+                                                model.embed_dimensions, model))
+
+
 def _int8_range(dtype: OutputDType, normalize: bool, width: int,
                 model: ModelDescription) -> float | None:
     """The range int8 / uint8 outputs are quantized over: the model's configured one, else the
@@ -160,6 +180,8 @@ def _embed_head(model: ModelDescription) -> Head:
 def _what(request: PoolingRequest, model: ModelDescription) -> str:
     if request.task is Task.SCORE and model.scores_by_cosine:
         return f"score with embedding model {model.name} (the score is a cosine)"
+    if request.task is Task.SCORE and model.kind is Kind.MULTI_VECTOR:
+        return f"score with multi-vector model {model.name} (the score is MaxSim)"
     return request.task.value
 
 

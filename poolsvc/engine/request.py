@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.images import ImageInput
-from poolsvc.engine.params import PoolingParams, PromptOptions, SparseOptions, Task, Truncation
+from poolsvc.engine.params import (
+    InputRole,
+    PoolingParams,
+    PromptOptions,
+    SparseOptions,
+    Task,
+    Truncation,
+)
 
 # An input is text, token ids from the model's tokenizer, or an image (image models).
 Prompt = str | Seq[int] | ImageInput
@@ -38,6 +45,9 @@ class PoolingRequest:
     raw: bool = False
     sparse: SparseOptions = SparseOptions()  # sparse models' embeddings: top_k, token strings
     offsets: bool = False  # Encode, per-token outputs: each row's character span in its text
+    # Multi-vector models: whether the inputs are queries or documents (None: documents); Score
+    # encodes its queries and documents each as their side.
+    role: InputRole | None = None
     arrival_ns: int = field(default_factory=now_ns)
     deadline_ns: int | None = None
 
