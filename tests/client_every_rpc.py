@@ -5,7 +5,7 @@
 It imports nothing but the client and its dependencies: tests/test_client_install.py runs it in
 a fresh venv holding only `pip install ./clients/python`, against the examples server
 (conftest.py: the bundled embedder as the default model, "clf", "rerank", "rm", "clip", "splade",
-"ner").
+"ner", "colbert").
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ UNARY = [
     ("embed_sparse", "embed_sparse", (TEXTS[:2],), {"model": "splade", "top_k": 4,
                                                     "return_tokens": True}),
     ("classify_tokens", "classify_tokens", (TEXTS[:2],), {"model": "ner"}),
+    ("encode_multi_vector", "encode_multi_vector", (TEXTS[:2],), {"model": "colbert",
+                                                                  "role": "query"}),
+    ("score maxsim", "score", (QUERY, DOCS), {"model": "colbert"}),
 ]
 STREAMS = [
     ("embed_stream", "embed_stream", ([TEXTS[:1], TEXTS[1:]],), {}),

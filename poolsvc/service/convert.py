@@ -12,6 +12,7 @@ from poolsvc.engine.config import Limits
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.images import ImageInput
 from poolsvc.engine.params import (
+    InputRole,
     OutputDType,
     PoolingParams,
     PromptOptions,
@@ -72,6 +73,11 @@ class When(TypedDict):
     deadline_ns: int | None
 
 
+_ROLES = {
+    common_pb2.INPUT_ROLE_UNSPECIFIED: None,
+    common_pb2.INPUT_ROLE_QUERY: InputRole.QUERY,
+    common_pb2.INPUT_ROLE_DOCUMENT: InputRole.DOCUMENT,
+}
 _SIDES = {
     common_pb2.TRUNCATION_SIDE_UNSPECIFIED: TruncationSide.RIGHT,
     common_pb2.TRUNCATION_SIDE_RIGHT: TruncationSide.RIGHT,
@@ -171,9 +177,11 @@ def encode_request(msg: encode_pb2.EncodeRequest, when: When, limits: Limits,
     params = PoolingParams(normalize=_optional(msg, "normalize"),
                            activation=_optional(msg, "activation"),
                            out_dtype=output_dtype(msg.output_dtype))
+    if msg.input_role not in _ROLES:
+        raise InvalidInputError(f"input_role {msg.input_role} is not an InputRole")
     return PoolingRequest(task, inputs(msg.inputs, limits), model=msg.model, params=params,
                           truncation=truncation(msg), prompt=prompt(msg), raw=True,
-                          offsets=msg.return_offsets, **when)
+                          offsets=msg.return_offsets, role=_ROLES[msg.input_role], **when)
 
 
 def _task(value: int) -> Task | None:

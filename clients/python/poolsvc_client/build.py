@@ -29,6 +29,7 @@ DTYPES = {"float32": tensor_pb2.DATA_TYPE_FLOAT32, "float16": tensor_pb2.DATA_TY
           "uint8": tensor_pb2.DATA_TYPE_UINT8, "binary": tensor_pb2.DATA_TYPE_BINARY,
           "ubinary": tensor_pb2.DATA_TYPE_UBINARY}
 SIDES = {"right": common_pb2.TRUNCATION_SIDE_RIGHT, "left": common_pb2.TRUNCATION_SIDE_LEFT}
+ROLES = {"query": common_pb2.INPUT_ROLE_QUERY, "document": common_pb2.INPUT_ROLE_DOCUMENT}
 TASKS = {"token_embed": common_pb2.TASK_TOKEN_EMBED,
          "token_classify": common_pb2.TASK_TOKEN_CLASSIFY, "reward": common_pb2.TASK_REWARD,
          "embed": common_pb2.TASK_EMBED, "classify": common_pb2.TASK_CLASSIFY}
@@ -149,13 +150,17 @@ def encode_request(texts: Text | Sequence[Text], *, model: str = "", task: str |
                    normalize: bool | None = None, activation: bool | None = None,
                    truncate: bool | int | None = None, truncation_side: str = "right",
                    dtype: str = "float32", prompt_name: str = "",
-                   prompt: str = "", return_offsets: bool = False) -> encode_pb2.EncodeRequest:
+                   prompt: str = "", return_offsets: bool = False,
+                   input_role: str | None = None) -> encode_pb2.EncodeRequest:
     """`task`: "token_embed", "token_classify", "reward", "embed" or "classify" (None: the
     model's default task); `return_offsets`: each row's character span (per-token tasks);
-    other options as embed_request and classify_request."""
+    `input_role`: "query" or "document" (multi-vector models); other options as embed_request
+    and classify_request."""
     request = encode_pb2.EncodeRequest(
         model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
         return_offsets=return_offsets,
+        input_role=common_pb2.INPUT_ROLE_UNSPECIFIED if input_role is None
+        else _choice("input_role", input_role, ROLES),
         output_dtype=_choice("dtype", dtype, DTYPES),
         task=common_pb2.TASK_UNSPECIFIED if task is None else _choice("task", task, TASKS))
     if normalize is not None:

@@ -95,6 +95,14 @@ class _Api:
         return self._unary(self.encode_stub.Encode, build.encode_request(texts, **options),
                            results.encodings)
 
+    def encode_multi_vector(self, texts: Text | Sequence[Text], *, role: str = "document",
+                            **options) -> list[np.ndarray]:
+        """A multi-vector (ColBERT) model's vectors: per text a [num_tokens, D] array, encoded
+        as `role` "query" (its marker, expanded to the query length) or "document" (its marker,
+        no skip-list tokens). Options: model, normalize, truncate, truncation_side, dtype."""
+        request = build.encode_request(texts, task="token_embed", input_role=role, **options)
+        return self._unary(self.encode_stub.Encode, request, results.encodings)
+
     def classify_tokens(self, texts: Text | Sequence[Text],
                         **options) -> list[results.TokenLabels]:
         """A token classifier's (NER) labels: per text, each token's probabilities `.probs`,
