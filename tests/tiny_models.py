@@ -387,3 +387,29 @@ def colbert(directory: Path, minilm_path: Path, layout: str = "multi-vector-enco
          "do_query_expansion": True, "prompts": {}, "default_prompt_name": None,
          "similarity_fn_name": similarity}))
     return out
+
+
+def bge_m3(directory: Path, seed: int = 0, colbert_dim: int = 24) -> Path:
+    """A tiny random BGE-M3 in FlagEmbedding's layout: an XLM-R body (byte-level BPE vocabulary)
+    saved by transformers, its Sentence-Transformers files (CLS pooling, Normalize), and the
+    heads as plain tensor state dicts: `colbert_linear.pt` (hidden -> `colbert_dim`) and
+    `sparse_linear.pt` (hidden -> 1)."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = bpe_tokenizer(directory, "roberta")
+    torch.manual_seed(seed)
+    model = XLMRobertaModel(XLMRobertaConfig(
+        vocab_size=vocab, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1),
+        add_pooling_layer=False).eval()
+    _perturb(model)
+    model.save_pretrained(directory)
+    add_st_config(directory, "cls", normalize=True)
+    colbert_linear = torch.nn.Linear(48, colbert_dim)
+    sparse_linear = torch.nn.Linear(48, 1)
+    with torch.no_grad():
+        sparse_linear.bias.fill_(0.05)  # about half the tokens weigh above 0
+    torch.save(colbert_linear.state_dict(), directory / "colbert_linear.pt")
+    torch.save(sparse_linear.state_dict(), directory / "sparse_linear.pt")
+    return directory

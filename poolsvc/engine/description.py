@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING
 
 from poolsvc.engine.config import PoolerConfig
 from poolsvc.engine.errors import InvalidInputError
-from poolsvc.engine.params import Activation, LateInteraction, PoolingType, Splade, Task
+from poolsvc.engine.params import (
+    Activation,
+    EmbeddingType,
+    LateInteraction,
+    PoolingType,
+    Splade,
+    Task,
+)
 
 if TYPE_CHECKING:
     from poolsvc.engine.reranker import ScoreTemplate
@@ -60,8 +67,26 @@ class ModelDescription:
     splade: Splade | None = None   # sparse models: the SPLADE pooling's strategy and activation
     # multi-vector models: how queries and documents are encoded and scored
     late_interaction: LateInteraction | None = None
+    # BGE-M3: the width of its token vectors (colbert_linear); 0 for other models
+    multi_vector_dimensions: int = 0
 
     # --- tasks -----------------------------------------------------------------------------------
+
+    @property
+    def bge_m3(self) -> bool:
+        """Dense, sparse and multi-vector embeddings from one forward pass (BGE-M3's heads)."""
+        return self.multi_vector_dimensions > 0
+
+    @property
+    def embedding_types(self) -> frozenset[EmbeddingType]:
+        """The embeddings Embed can return."""
+        if self.bge_m3:
+            return frozenset(EmbeddingType)
+        if self.kind is Kind.SPARSE:
+            return frozenset({EmbeddingType.SPARSE})
+        if Task.EMBED in self.tasks:
+            return frozenset({EmbeddingType.DENSE})
+        return frozenset()
 
     @property
     def num_labels(self) -> int:

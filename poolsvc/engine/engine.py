@@ -179,7 +179,8 @@ class Engine:
                         labels=desc.labels, pairs=pairs, logit=logit,
                         token_strings=model.tokenizer.token_strings
                         if request.sparse.return_tokens else None, offsets=inputs.offsets,
-                        attended=inputs.attended, kept=inputs.kept, maxsim=maxsim)
+                        attended=inputs.attended, kept=inputs.kept, maxsim=maxsim,
+                        m3=model.m3 if options.outputs is not None else None)
         limit = self.limits.max_response_bytes
         if limit is not None and (size := response_bytes(state, desc)) > limit:
             raise OverloadedError(

@@ -182,3 +182,13 @@ def _special_token(path: Path, name: str) -> str | None:
         if isinstance(value, str) and value:
             return value
     return None
+
+
+def special_token_ids(tokenizer: Tokenizer, path: Path, names: tuple[str, ...]) -> frozenset[int]:
+    """The ids of the special tokens `names` ("cls_token", ...) the tokenizer's files name."""
+    ids = set()
+    for name in names:
+        token = _special_token(path, name)
+        if token is not None and (token_id := tokenizer.token_to_id(token)) is not None:
+            ids.add(token_id)
+    return frozenset(ids)

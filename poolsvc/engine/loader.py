@@ -12,6 +12,7 @@ import torch
 
 from poolsvc.engine import cpu, fused
 from poolsvc.engine.backend import Backend
+from poolsvc.engine.bge_m3 import BGEM3, M3Layout, read_heads
 from poolsvc.engine.config import (
     BUNDLED_HUB_ID,
     BUNDLED_MODEL,
@@ -21,7 +22,7 @@ from poolsvc.engine.config import (
 )
 from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.errors import ModelLoadError
-from poolsvc.engine.late_interaction import LateInteractionEncoder
+from poolsvc.engine.late_interaction import LateInteractionEncoder, special_token_ids
 from poolsvc.engine.model_files import DenseSpec, ModelFiles, read_model_files
 from poolsvc.engine.models import ARCHITECTURES, SPARSE_ARCHITECTURES, dual, hf_fallback
 from poolsvc.engine.params import PoolingType, Splade
@@ -146,6 +147,8 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
             template, answers = reranker
             backend = AnswerReranker(backend, answer_rows(
                 files.path, files.hf_config, _answer_ids(files, hf_tokenizer, answers)))
+        elif (heads := read_heads(files.path)) is not None:  # BGE-M3's sparse and colbert heads
+            backend = BGEM3(backend, *heads)
         backend = backend.to(device=device, dtype=dtype).eval()
         if quantize == "int8":
             if device.type != "cpu":
@@ -176,12 +179,21 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
                             vocab_size=vocab_size, logit=logit, max_model_len=max_model_len)
     if isinstance(backend, AnswerReranker):
         description = dataclasses.replace(description, score_template=template)
+    m3 = None
+    if isinstance(backend, BGEM3):
+        description = dataclasses.replace(
+            description, multi_vector_dimensions=backend.multi_vector_dimensions)
+        m3 = M3Layout(backend.hidden_size, backend.multi_vector_dimensions,
+                      special_token_ids(hf_tokenizer, files.path,
+                                        ("cls_token", "eos_token", "pad_token", "unk_token")),
+                      vocab_size)
     if late is not None:
         description = dataclasses.replace(description, kind=Kind.MULTI_VECTOR,
                                           max_input_tokens=late.max_tokens,
                                           late_interaction=files.late_interaction)
     tokenizer = TextTokenizer(hf_tokenizer, vocab_size, files.prompts, files.default_prompt_name)
-    model = ServedModel(description, backend, dense, tokenizer, device, dtype, use_kernels, late)
+    model = ServedModel(description, backend, dense, tokenizer, device, dtype, use_kernels, late,
+                        m3)
     log.info("loaded %s from %s: %s (%s, %s), %s, %d dims, max %d tokens, %s pooling, %s on %s",
              spec.name, path, files.architecture, description.kind.value, implementation,
              "/".join(t.value for t in description.tasks), description.embed_dimensions,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from poolsvc.engine import compact
+from poolsvc.engine import bge_m3, compact
 from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.late_interaction import maxsim
 from poolsvc.engine.params import OutputDType, PoolingType, Task, Timing
@@ -46,6 +46,7 @@ class EmbedOutput(Output):
     embeddings: np.ndarray          # [num_inputs, dimensions] in `dtype`
     dtype: OutputDType
     is_sparse: ClassVar[bool] = False
+    is_multi: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,20 @@ class SparseEmbedOutput(Output):
     vectors: list[SparseVector]     # per input
     vocab_size: int
     is_sparse: ClassVar[bool] = True
+    is_multi: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class MultiEmbedOutput(Output):
+    """What Embed gives on a model with several embeddings (BGE-M3) asked for more than the
+    dense one: each kind asked for, None for the others."""
+
+    dense: np.ndarray | None                # [num_inputs, H] float32
+    sparse: list[SparseVector] | None       # per input: its lexical weights
+    multi_vector: list[np.ndarray] | None   # per input: [num_tokens - 1, D] float32
+    vocab_size: int
+    is_sparse: ClassVar[bool] = False
+    is_multi: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,10 @@ def response_bytes(req: Request, model: ModelDescription) -> int:
     options, task = req.options, req.call.task
     if task is Task.SCORE:
         return (4 + _OVERHEAD_PER_OUTPUT) * max(len(req.pairs), len(req.token_ids))
+    if options.outputs is not None:  # BGE-M3: every token's vector and weight, a dense row
+        per_token = 4 * model.multi_vector_dimensions + 8 + 24 * req.call.sparse.return_tokens
+        return sum(map(len, req.token_ids)) * per_token + \
+            len(req.token_ids) * (4 * model.hidden_size + _OVERHEAD_PER_OUTPUT)
     if options.method is PoolingType.SPLADE:  # (id, weight) pairs, and maybe the strings
         entries = min(req.call.sparse.top_k or model.vocab_size, model.vocab_size)
         per_entry = 8 + (24 if req.call.sparse.return_tokens else 0)
@@ -131,6 +150,8 @@ def build_output(req: Request) -> Output:
             offsets = [spans if keep is None else [spans[k] for k in keep]
                        for spans, keep in zip(offsets, req.kept)]
     common = dict(model=req.model_name, token_ids=req.token_ids, timing=req.timing(now_ns()))
+    if options.outputs is not None:
+        return _m3(req, rows, common)
     if task is Task.SCORE:
         return _score(req, rows, common)
     if options.method is PoolingType.SPLADE:
@@ -161,6 +182,32 @@ def _sparse(row: torch.Tensor, req: Request) -> SparseVector:
         ids = ids[:req.call.sparse.top_k]
     tokens = req.token_strings(ids) if req.token_strings is not None else None
     return SparseVector(ids.astype(np.int32), weights[ids].astype(np.float32), tokens)
+
+
+def _m3(req: Request, rows: list[torch.Tensor], common: dict) -> Output:
+    """BGE-M3's embeddings of each input, or Score's hybrid mix of them per pair."""
+    outputs = req.options.outputs
+    embeds = [bge_m3.unpack(row, ids, outputs, req.m3) for row, ids in zip(rows, req.token_ids)]
+    if req.call.task is Task.SCORE:
+        common["token_ids"] = [req.token_ids[q] + req.token_ids[d] for q, d in req.pairs]
+        scores = [bge_m3.hybrid_scores(embeds[q], embeds[d], req.call.hybrid)
+                  for q, d in req.pairs]
+        return ScoreOutput(scores=np.asarray(scores, dtype=np.float32), **common)
+    sparse = None
+    if bge_m3.EmbeddingType.SPARSE in outputs:
+        sparse = []
+        for e in embeds:
+            ids, weights = bge_m3.sparse_arrays(e.lexical)
+            if req.call.sparse.top_k:
+                ids, weights = ids[:req.call.sparse.top_k], weights[:req.call.sparse.top_k]
+            tokens = req.token_strings(ids) if req.token_strings is not None else None
+            sparse.append(SparseVector(ids, weights, tokens))
+    dense = torch.stack([e.dense for e in embeds]).numpy() \
+        if bge_m3.EmbeddingType.DENSE in outputs else None
+    vectors = [e.multi_vector.numpy() for e in embeds] \
+        if bge_m3.EmbeddingType.MULTI_VECTOR in outputs else None
+    return MultiEmbedOutput(dense=dense, sparse=sparse, multi_vector=vectors,
+                            vocab_size=req.m3.vocab_size, **common)
 
 
 def _score(req: Request, rows: list[torch.Tensor], common: dict) -> ScoreOutput:

@@ -98,6 +98,44 @@ class LateInteraction:
     mean: bool = False
 
 
+class EmbeddingType(enum.Enum):
+    """A kind of embedding a model gives; BGE-M3 gives all three from one forward pass."""
+
+    DENSE = "dense"
+    SPARSE = "sparse"              # weights over the vocabulary (lexical weights)
+    MULTI_VECTOR = "multi_vector"  # a vector per token
+
+
+@dataclass(frozen=True)
+class HybridWeights:
+    """A hybrid score's weights, as FlagEmbedding's BGEM3FlagModel.compute_score mixes them:
+    (dense * s_dense + sparse * s_sparse + multi_vector * s_colbert) / (their sum)."""
+
+    dense: float = 0.0
+    sparse: float = 0.0
+    multi_vector: float = 0.0
+
+    def __post_init__(self):
+        for name in ("dense", "sparse", "multi_vector"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses NaN
+                raise InvalidInputError(f"hybrid_weights.{name} must be 0 or more; got {value}")
+        if self.total <= 0:
+            raise InvalidInputError("hybrid_weights: give at least one weight above 0 (dense, "
+                                    "sparse, multi_vector)")
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.sparse + self.multi_vector
+
+    @property
+    def types(self) -> frozenset[EmbeddingType]:
+        """The embeddings the score needs: those weighted above 0."""
+        return frozenset(t for t, w in ((EmbeddingType.DENSE, self.dense),
+                                        (EmbeddingType.SPARSE, self.sparse),
+                                        (EmbeddingType.MULTI_VECTOR, self.multi_vector)) if w > 0)
+
+
 class Activation(enum.Enum):
     """What turns a head's logits into the task's output."""
 

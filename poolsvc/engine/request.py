@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.images import ImageInput
 from poolsvc.engine.params import (
+    EmbeddingType,
+    HybridWeights,
     InputRole,
     PoolingParams,
     PromptOptions,
@@ -48,6 +50,10 @@ class PoolingRequest:
     # Multi-vector models: whether the inputs are queries or documents (None: documents); Score
     # encodes its queries and documents each as their side.
     role: InputRole | None = None
+    # Models with several embeddings (BGE-M3): which ones Embed returns (empty: the model's own
+    # kind), and Score's weights for mixing them (None: the dense score).
+    embedding_types: frozenset[EmbeddingType] = frozenset()
+    hybrid: HybridWeights | None = None
     arrival_ns: int = field(default_factory=now_ns)
     deadline_ns: int | None = None
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from poolsvc.engine.backend import ModelBackend
+from poolsvc.engine.bge_m3 import M3Layout
 from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.late_interaction import LateInteractionEncoder
 from poolsvc.engine.packing import PackedBatch
@@ -45,6 +46,7 @@ class ServedModel:
     use_kernels: bool = False  # Triton kernels for pooling (and the backend's fused layers)
     # Multi-vector models: each side's markers, expansion and skip-list (tokenizer-resolved)
     late_interaction: LateInteractionEncoder | None = None
+    m3: M3Layout | None = None  # BGE-M3: how its rows unpack
 
     @property
     def name(self) -> str:
@@ -101,6 +103,8 @@ class ServedModel:
             return self.dense
         if head is Head.MODEL:
             return lambda rows: self.backend.head(rows.to(self.dtype))  # [rows, num_labels]
+        if head is Head.M3:
+            return self.backend.rows
         return None
 
     def warm_up(self) -> None:

@@ -44,6 +44,7 @@ class Request:
     attended: list[int | None] | None = None
     kept: list[Any] | None = None        # per input: numpy row indices, or None
     maxsim: str | None = None
+    m3: Any = None                       # BGE-M3 outputs: their M3Layout (engine/bge_m3.py)
     tokenized_ns: int = field(default_factory=now_ns)
     started_ns: int = 0
     future: Future = field(default_factory=Future)

@@ -64,6 +64,16 @@ class _Api:
             texts, sparse_top_k=top_k, return_tokens=return_tokens, **options),
             results.sparse_embeddings)
 
+    def embed_multi(self, texts: Text | Sequence[Text], *,
+                    types: Sequence[str] = ("dense", "sparse", "multi_vector"),
+                    **options) -> results.MultiEmbedding:
+        """Several embeddings of each input from one forward pass (BGE-M3): `types` among
+        "dense", "sparse" (lexical weights; options top_k, return_tokens) and "multi_vector"."""
+        top_k, tokens = options.pop("top_k", 0), options.pop("return_tokens", False)
+        return self._unary(self.embed_stub.Embed, build.embed_request(
+            texts, embedding_types=types, sparse_top_k=top_k, return_tokens=tokens, **options),
+            results.multi_embedding)
+
     def embed_response(self, texts: Text | Sequence[Text], **options) -> embed_pb2.EmbedResponse:
         """The whole EmbedResponse (usage, timing) rather than the array."""
         return self._unary(self.embed_stub.Embed, build.embed_request(texts, **options),
