@@ -337,12 +337,13 @@ def token_classifier(directory: Path, minilm_path: Path, family: str = "bert",
 
 def colbert(directory: Path, minilm_path: Path, layout: str = "multi-vector-encoder",
             query_length: int = 16, document_length: int = 40, attend: bool = False,
-            similarity: str | None = None, seed: int = 0) -> Path:
-    """A tiny random ColBERT: a 2-layer BERT with MiniLM's vocabulary plus the [Q] / [D] marker
-    tokens, a bias-free Dense projection to 16 dimensions, punctuation skipped in documents and
-    queries expanded with [MASK] to `query_length`. Saved by sentence-transformers as a
-    MultiVectorEncoder (`layout="multi-vector-encoder"`), or in PyLate's (v3) layout
-    (`layout="pylate"`: Transformer + Dense and the flat ColBERT keys)."""
+            similarity: str | None = None, seed: int = 0, family: str = "bert") -> Path:
+    """A tiny random ColBERT: a 2-layer BERT (or DistilBERT, `family="distilbert"`) with
+    MiniLM's vocabulary plus the [Q] / [D] marker tokens, a bias-free Dense projection to 16
+    dimensions, punctuation skipped in documents and queries expanded with [MASK] to
+    `query_length`. Saved by sentence-transformers as a MultiVectorEncoder
+    (`layout="multi-vector-encoder"`), or in PyLate's (v3) layout (`layout="pylate"`:
+    Transformer + Dense and the flat ColBERT keys)."""
     import string
 
     from safetensors.torch import save_file
@@ -350,7 +351,19 @@ def colbert(directory: Path, minilm_path: Path, layout: str = "multi-vector-enco
     from sentence_transformers.base.modules import Dense, Normalize, Transformer
     from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
 
-    body = tiny_bert(directory / "body", minilm_path, seed=seed)
+    if family == "distilbert":
+        import transformers
+        torch.manual_seed(seed)
+        body = directory / "body"
+        model = transformers.DistilBertModel(transformers.DistilBertConfig(
+            vocab_size=30522, dim=48, n_layers=2, n_heads=4, hidden_dim=96,
+            max_position_embeddings=128)).eval()
+        _perturb(model)
+        model.save_pretrained(body)
+        for name in TOKENIZER_FILES:
+            shutil.copy(minilm_path / name, body / name)
+    else:
+        body = tiny_bert(directory / "body", minilm_path, seed=seed)
     transformer = Transformer(str(body), document_length=document_length, query_expansion={
         "strategy": "fixed", "length": query_length, "attend": attend})
     transformer.tokenizer.add_tokens(["[Q] ", "[D] "])

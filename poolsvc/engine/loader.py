@@ -13,6 +13,7 @@ import torch
 from poolsvc.engine import cpu, fused
 from poolsvc.engine.backend import Backend
 from poolsvc.engine.bge_m3 import BGEM3, M3Layout, read_heads
+from poolsvc.engine.bge_m3 import HEADS as BGE_M3_HEADS
 from poolsvc.engine.config import (
     BUNDLED_HUB_ID,
     BUNDLED_MODEL,
@@ -58,7 +59,10 @@ def resolve(source: str, allow_pickle: bool) -> tuple[Path, tuple[str, ...]]:
     try:
         from huggingface_hub import snapshot_download
         ignore = _HUB_IGNORE + ([] if allow_pickle else ["*.bin", "*.pt", "*.pth"])
-        return Path(snapshot_download(source, ignore_patterns=ignore)), (source,)
+        path = Path(snapshot_download(source, ignore_patterns=ignore))
+        if not allow_pickle:  # BGE-M3's heads: plain tensors, loaded with weights_only
+            snapshot_download(source, allow_patterns=list(BGE_M3_HEADS))
+        return path, (source,)
     except Exception as exc:
         raise ModelLoadError(f"model {source!r} is neither a local directory nor downloadable from "
                              f"the Hugging Face hub: {exc}") from exc
