@@ -123,6 +123,12 @@ def test_over_grpc(examples_server, example_models):
         streamed = dict(client.encode_stream([QUERIES[:2], QUERIES[2:]], model="colbert",
                                              task="token_embed", input_role="query"))
         check_vectors(streamed[0] + streamed[1], queries)
+        reply = encode.Encode(encode_pb2.EncodeRequest(  # spans of the rows kept
+            model="colbert", inputs=inputs(DOCUMENTS[:1]), return_offsets=True), timeout=60)
+        spans = [(o.start, o.end) for o in reply.offsets[0].offsets]
+        assert len(spans) == reply.outputs[0].shape[0]
+        assert [DOCUMENTS[0][a:b] for a, b in spans if b] == \
+            ["Paris", "is", "the", "capital", "of", "France"]  # no "."
 
         reply = score.Score(score_pb2.ScoreRequest(model="colbert", queries=inputs(QUERIES[:1]),
                                                    documents=inputs(DOCUMENTS)), timeout=60)
