@@ -5,7 +5,7 @@
 It imports nothing but the client and its dependencies: tests/test_client_install.py runs it in
 a fresh venv holding only `pip install ./clients/python`, against the examples server
 (conftest.py: the bundled embedder as the default model, "clf", "rerank", "rm", "clip", "splade",
-"ner").
+"ner", "colbert", "bge-m3").
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from poolsvc_client import (
     AsyncClient,
     Classification,
     Client,
+    MultiEmbedding,
     PoolsvcError,
     RerankResult,
     SparseVector,
@@ -50,6 +51,12 @@ UNARY = [
     ("embed_sparse", "embed_sparse", (TEXTS[:2],), {"model": "splade", "top_k": 4,
                                                     "return_tokens": True}),
     ("classify_tokens", "classify_tokens", (TEXTS[:2],), {"model": "ner"}),
+    ("encode_multi_vector", "encode_multi_vector", (TEXTS[:2],), {"model": "colbert",
+                                                                  "role": "query"}),
+    ("score maxsim", "score", (QUERY, DOCS), {"model": "colbert"}),
+    ("embed_multi", "embed_multi", (TEXTS[:2],), {"model": "bge-m3", "top_k": 3}),
+    ("rerank hybrid", "rerank", (QUERY, DOCS), {"model": "bge-m3", "hybrid_weights": {
+        "dense": 0.4, "sparse": 0.2, "multi_vector": 0.4}}),
 ]
 STREAMS = [
     ("embed_stream", "embed_stream", ([TEXTS[:1], TEXTS[1:]],), {}),
@@ -70,6 +77,9 @@ def plain(value):
     if isinstance(value, SparseVector):
         return {"token_ids": value.token_ids.tolist(), "weights": plain(value.weights),
                 "tokens": value.tokens, "dimensions": value.dimensions}
+    if isinstance(value, MultiEmbedding):
+        return {"dense": plain(value.dense), "sparse": plain(value.sparse),
+                "multi_vector": plain(value.multi_vector)}
     if isinstance(value, TokenLabels):
         return {"probs": plain(value.probs), "labels": value.labels,
                 "offsets": [list(o) for o in value.offsets]}

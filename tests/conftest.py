@@ -72,6 +72,8 @@ def example_models(tmp_path_factory, minilm_path) -> dict[str, Path]:
     """Tiny task models under the names the README's examples use, beside the bundled embedder."""
     from tiny_models import (
         bert_classifier,
+        bge_m3,
+        colbert,
         dual_encoder,
         qwen2_reward,
         splade,
@@ -89,13 +91,16 @@ def example_models(tmp_path_factory, minilm_path) -> dict[str, Path]:
         "clip": dual_encoder(root / "clip", "clip"),
         "splade": splade(root / "splade", minilm_path),
         "ner": token_classifier(root / "ner", minilm_path),
+        "colbert": colbert(root / "colbert", minilm_path),
+        "bge-m3": bge_m3(root / "bge-m3"),
     }
 
 
 @pytest.fixture(scope="session")
 def examples_server(example_models, tmp_path_factory):
     """One server for the client and README examples: the embedder (the default model), a
-    reranker, a classifier, a reward model, CLIP, a SPLADE model and a token classifier."""
+    reranker, a classifier, a reward model, CLIP, a SPLADE model, a token classifier, a ColBERT
+    model and a BGE-M3."""
     models = [arg for name, path in example_models.items() for arg in ("--model", f"{name}={path}")]
     srv = ServerProcess(tmp_path_factory.mktemp("examples") / "server.log", *models).wait_ready()
     yield srv

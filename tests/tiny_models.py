@@ -389,4 +389,96 @@ def encoder_family(directory: Path, minilm_path: Path, family: str, task: str = 
                 p.add_(torch.randn_like(p) * 0.1)
     _perturb(model, scale=0.0)
     model.save_pretrained(directory)
+
+
+def colbert(directory: Path, minilm_path: Path, layout: str = "multi-vector-encoder",
+            query_length: int = 16, document_length: int = 40, attend: bool = False,
+            similarity: str | None = None, seed: int = 0, family: str = "bert") -> Path:
+    """A tiny random ColBERT: a 2-layer BERT (or DistilBERT, `family="distilbert"`) with
+    MiniLM's vocabulary plus the [Q] / [D] marker tokens, a bias-free Dense projection to 16
+    dimensions, punctuation skipped in documents and queries expanded with [MASK] to
+    `query_length`. Saved by sentence-transformers as a MultiVectorEncoder
+    (`layout="multi-vector-encoder"`), or in PyLate's (v3) layout (`layout="pylate"`:
+    Transformer + Dense and the flat ColBERT keys)."""
+    import string
+
+    from safetensors.torch import save_file
+    from sentence_transformers import MultiVectorEncoder
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
+
+    if family == "distilbert":
+        import transformers
+        torch.manual_seed(seed)
+        body = directory / "body"
+        model = transformers.DistilBertModel(transformers.DistilBertConfig(
+            vocab_size=30522, dim=48, n_layers=2, n_heads=4, hidden_dim=96,
+            max_position_embeddings=128)).eval()
+        _perturb(model)
+        model.save_pretrained(body)
+        for name in TOKENIZER_FILES:
+            shutil.copy(minilm_path / name, body / name)
+    else:
+        body = tiny_bert(directory / "body", minilm_path, seed=seed)
+    transformer = Transformer(str(body), document_length=document_length, query_expansion={
+        "strategy": "fixed", "length": query_length, "attend": attend})
+    transformer.tokenizer.add_tokens(["[Q] ", "[D] "])
+    transformer.auto_model.resize_token_embeddings(len(transformer.tokenizer))
+    torch.manual_seed(seed + 1)
+    dense = Dense(48, 16, bias=False, activation_function=torch.nn.Identity(),
+                  module_input_name="token_embeddings")
+    model = MultiVectorEncoder(
+        modules=[transformer, dense, MultiVectorMask(skiplist_words=list(string.punctuation)),
+                 Normalize(module_input_name="token_embeddings")],
+        prompts={"query": "[Q] ", "document": "[D] "}, similarity_fn_name=similarity,
+        device="cpu")
+    out = directory / "colbert"
+    if layout == "multi-vector-encoder":
+        model.save(str(out))
+        return out
+    # PyLate v3: the body at the root, its Dense, and its settings in one config file
+    transformer.save(str(out))
+    (out / "1_Dense").mkdir()
+    save_file({"linear.weight": dense.linear.weight.detach().contiguous()},
+              str(out / "1_Dense" / "model.safetensors"))
+    (out / "1_Dense" / "config.json").write_text(json.dumps(
+        {"in_features": 48, "out_features": 16, "bias": False,
+         "activation_function": "torch.nn.modules.linear.Identity"}))
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"}]))
+    (out / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": document_length - 1, "do_lower_case": False}))
+    (out / "config_sentence_transformers.json").write_text(json.dumps(
+        {"model_type": "ColBERT", "query_prefix": "[Q] ", "document_prefix": "[D] ",
+         "query_length": query_length, "document_length": document_length,
+         "attend_to_expansion_tokens": attend, "skiplist_words": list(string.punctuation),
+         "do_query_expansion": True, "prompts": {}, "default_prompt_name": None,
+         "similarity_fn_name": similarity}))
+    return out
+
+
+def bge_m3(directory: Path, seed: int = 0, colbert_dim: int = 24) -> Path:
+    """A tiny random BGE-M3 in FlagEmbedding's layout: an XLM-R body (byte-level BPE vocabulary)
+    saved by transformers, its Sentence-Transformers files (CLS pooling, Normalize), and the
+    heads as plain tensor state dicts: `colbert_linear.pt` (hidden -> `colbert_dim`) and
+    `sparse_linear.pt` (hidden -> 1)."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = bpe_tokenizer(directory, "roberta")
+    torch.manual_seed(seed)
+    model = XLMRobertaModel(XLMRobertaConfig(
+        vocab_size=vocab, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1),
+        add_pooling_layer=False).eval()
+    _perturb(model)
+    model.save_pretrained(directory)
+    add_st_config(directory, "cls", normalize=True)
+    colbert_linear = torch.nn.Linear(48, colbert_dim)
+    sparse_linear = torch.nn.Linear(48, 1)
+    with torch.no_grad():
+        sparse_linear.bias.fill_(0.05)  # about half the tokens weigh above 0
+    torch.save(colbert_linear.state_dict(), directory / "colbert_linear.pt")
+    torch.save(sparse_linear.state_dict(), directory / "sparse_linear.pt")
     return directory

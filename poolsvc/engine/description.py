@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING
 
 from poolsvc.engine.config import PoolerConfig
 from poolsvc.engine.errors import InvalidInputError
-from poolsvc.engine.params import Activation, PoolingType, Splade, Task
+from poolsvc.engine.params import (
+    Activation,
+    EmbeddingType,
+    LateInteraction,
+    PoolingType,
+    Splade,
+    Task,
+)
 
 if TYPE_CHECKING:
     from poolsvc.engine.reranker import ScoreTemplate
@@ -22,6 +29,7 @@ class Kind(enum.Enum):
     CLASSIFIER = "classifier"      # a head on one pooled row per sequence
     REWARD = "reward"              # a head on every token
     SPARSE = "sparse"              # a masked LM's vocabulary logits per token, SPLADE-pooled
+    MULTI_VECTOR = "multi-vector"  # ColBERT: a projected, normalized vector per token (MaxSim)
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,28 @@ class ModelDescription:
     logit_scale_and_bias: tuple[float, float] | None = None  # dual encoders' logits
     score_template: ScoreTemplate | None = None  # LLM rerankers: how a pair is written
     splade: Splade | None = None   # sparse models: the SPLADE pooling's strategy and activation
+    # multi-vector models: how queries and documents are encoded and scored
+    late_interaction: LateInteraction | None = None
+    # BGE-M3: the width of its token vectors (colbert_linear); 0 for other models
+    multi_vector_dimensions: int = 0
 
     # --- tasks -----------------------------------------------------------------------------------
+
+    @property
+    def bge_m3(self) -> bool:
+        """Dense, sparse and multi-vector embeddings from one forward pass (BGE-M3's heads)."""
+        return self.multi_vector_dimensions > 0
+
+    @property
+    def embedding_types(self) -> frozenset[EmbeddingType]:
+        """The embeddings Embed can return."""
+        if self.bge_m3:
+            return frozenset(EmbeddingType)
+        if self.kind is Kind.SPARSE:
+            return frozenset({EmbeddingType.SPARSE})
+        if Task.EMBED in self.tasks:
+            return frozenset({EmbeddingType.DENSE})
+        return frozenset()
 
     @property
     def num_labels(self) -> int:
@@ -74,6 +102,8 @@ class ModelDescription:
             return (Task.REWARD, Task.TOKEN_CLASSIFY)
         if self.kind is Kind.SPARSE:
             return (Task.EMBED,)  # sparse vectors over the vocabulary
+        if self.kind is Kind.MULTI_VECTOR:  # a vector per token; scores by MaxSim
+            return (Task.TOKEN_EMBED, Task.SCORE)
         if self.score_template is not None:  # an LLM reranker scores pairs, as it was prompted
             return (Task.SCORE,)
         if self.head_pooling is PoolingType.ALL:  # a token classifier (NER): labels per token
@@ -127,6 +157,8 @@ class ModelDescription:
             return PoolingType.CLS  # the towers pool themselves (CLIP: end-of-text, class token)
         if self.kind is Kind.SPARSE:
             return PoolingType.SPLADE
+        if self.kind is Kind.MULTI_VECTOR:
+            return PoolingType.ALL
         configured = self.pooler_config.pooling_type
         if configured is not None and not configured.per_token:
             return configured

@@ -166,15 +166,21 @@ class Engine:
         options = options_for(request, desc)
         inputs = model_inputs(model, request, self.limits, self.config.auto_truncate)
         cosine = request.task is Task.SCORE and desc.scores_by_cosine
+        late = model.late_interaction
         logit = desc.logit_scale_and_bias if cosine and desc.kind is Kind.DUAL_ENCODER and \
             request.params.activation is False else None
-        pairs = tuple((q, len(request.inputs) + d) for q, d in request.pairs) if cosine else ()
+        # each query and document embedded once, then paired (cosine or MaxSim)
+        embedded = request.task is Task.SCORE and (cosine or late is not None)
+        pairs = tuple((q, len(request.inputs) + d) for q, d in request.pairs) if embedded else ()
+        maxsim = ("mean" if late.mean else "sum") if late is not None and embedded else None
         state = Request(request, model.name, options, inputs.token_ids, inputs.token_type_ids,
                         inputs.pixels, desc.image_tokens,
                         chunk_size=desc.chunk_size if request.task is Task.EMBED else None,
                         labels=desc.labels, pairs=pairs, logit=logit,
                         token_strings=model.tokenizer.token_strings
-                        if request.sparse.return_tokens else None, offsets=inputs.offsets)
+                        if request.sparse.return_tokens else None, offsets=inputs.offsets,
+                        attended=inputs.attended, kept=inputs.kept, maxsim=maxsim,
+                        m3=model.m3 if options.outputs is not None else None)
         limit = self.limits.max_response_bytes
         if limit is not None and (size := response_bytes(state, desc)) > limit:
             raise OverloadedError(

@@ -12,7 +12,7 @@ import torch
 from poolsvc.engine.config import Limits
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.images import ImageInput, decode
-from poolsvc.engine.params import Task
+from poolsvc.engine.params import InputRole, Task
 from poolsvc.engine.request import PoolingRequest, Prompt
 from poolsvc.engine.served import ServedModel
 
@@ -28,6 +28,10 @@ class ModelInputs:
     # With PoolingRequest.offsets: each token's (start, end) characters in its text input (after
     # any prompt; special tokens (0, 0)); empty for token-id inputs.
     offsets: list[list[tuple[int, int]]] | None = None
+    # Multi-vector models: per input, the tokens attended to (None: all) and the output rows
+    # kept (None: all); see engine/late_interaction.py.
+    attended: list[int | None] | None = None
+    kept: list | None = None
 
 
 def model_inputs(model: ServedModel, request: PoolingRequest, limits: Limits,
@@ -35,6 +39,8 @@ def model_inputs(model: ServedModel, request: PoolingRequest, limits: Limits,
     """What `model` sees for `request`: a cross-encoder's score encodes each pair together;
     every other task encodes each input (for score by cosine: the queries, then the documents)."""
     desc = model.description
+    if model.late_interaction is not None:
+        return _late_interaction(model, request, limits, auto_truncate)
     if request.task is Task.SCORE:
         pairs = request.pairs
         texts = [*request.inputs, *request.documents]
@@ -98,6 +104,39 @@ def _encode_each(model: ServedModel, inputs: Seq[Prompt], request: PoolingReques
     for (i, _), tensor in zip(images, model.preprocess(decoded)):
         pixels[i] = tensor
     return ModelInputs(out, pixels=pixels)
+
+
+def _late_interaction(model: ServedModel, request: PoolingRequest, limits: Limits,
+                      auto_truncate: bool) -> ModelInputs:
+    """A multi-vector model's inputs: Score's queries and documents each as their side, other
+    tasks' inputs as the request's role (documents unless it says queries)."""
+    if request.task is Task.SCORE:
+        limits.check_inputs(len(request.pairs))
+        sides = [(request.inputs, InputRole.QUERY), (request.documents, InputRole.DOCUMENT)]
+    else:
+        if not request.inputs:
+            raise InvalidInputError("the request has no inputs; send at least one")
+        limits.check_inputs(len(request.inputs))
+        sides = [(request.inputs, request.role or InputRole.DOCUMENT)]
+    if any(not isinstance(x, (str, list, tuple)) for inputs, _ in sides for x in inputs):
+        raise InvalidInputError(f"model {model.name} accepts text only")
+    prefix = model.tokenizer.prompt_text(request.prompt)
+    limits.check_texts([x for inputs, _ in sides for x in inputs], prefix)
+    if prefix and any(not isinstance(x, str) for inputs, _ in sides for x in inputs):
+        raise InvalidInputError("a prompt applies to text inputs only: token-id inputs must "
+                                "already contain it")
+    limit, cut = request.truncation.limit(model.description.max_input_tokens, auto_truncate)
+    out = ModelInputs([], offsets=[] if request.offsets else None, attended=[], kept=[])
+    for inputs, role in sides:
+        encoded = model.late_interaction.encode(
+            model.tokenizer, inputs, role, prefix, limit, cut, request.truncation.side,
+            offsets=request.offsets, first=len(out.token_ids))
+        out.token_ids.extend(encoded.token_ids)
+        out.attended.extend(encoded.attended)
+        out.kept.extend(encoded.kept)
+        if out.offsets is not None:
+            out.offsets.extend(encoded.offsets)
+    return out
 
 
 def _after_prompt(encoding, prompt_chars: int) -> list[tuple[int, int]]:

@@ -87,9 +87,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
     window = _needed(window, batch)
     if q.is_cuda and window is None and bias is None and (found := _cuda_varlen()) is not None:
         varlen, causal_kw = found
-        return varlen(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
-                      batch.max_seqlen, scale=scale, enable_gqa=gqa,
-                      **(causal_kw if causal else {}))
+        cu_k, max_k = batch.cu_seqlens, batch.max_seqlen
+        if batch.key_rows is not None:  # some tokens are not attended to: pack the keys alone
+            rows, cu_k, max_k = batch.key_rows
+            k, v = k[rows], v[rows]
+        return varlen(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, max_k, scale=scale,
+                      enable_gqa=gqa, **(causal_kw if causal else {}))
     return _padded_attention((q, k, v), batch, causal, scale, gqa, window, bias)
 
 

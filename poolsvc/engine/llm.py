@@ -25,8 +25,17 @@ from poolsvc.engine.config import (
 from poolsvc.engine.engine import Engine
 from poolsvc.engine.errors import EngineError, Option
 from poolsvc.engine.images import ImageInput
-from poolsvc.engine.outputs import Output, SparseEmbedOutput, SparseVector
-from poolsvc.engine.params import PoolingParams, PromptOptions, SparseOptions, Task, Truncation
+from poolsvc.engine.outputs import MultiEmbedOutput, Output, SparseEmbedOutput, SparseVector
+from poolsvc.engine.params import (
+    EmbeddingType,
+    HybridWeights,
+    InputRole,
+    PoolingParams,
+    PromptOptions,
+    SparseOptions,
+    Task,
+    Truncation,
+)
 from poolsvc.engine.request import PoolingRequest, Prompt
 
 _ids = itertools.count()
@@ -58,6 +67,9 @@ class EmbeddingOutput:
     # Sparse (SPLADE) models: the non-zero weights, largest first; `embedding` is then the full
     # vector over the vocabulary, as sentence-transformers' SparseEncoder.encode gives it.
     sparse: SparseVector | None = None
+    # Models with several embeddings (BGE-M3), with embedding_types: the token vectors
+    # [num_tokens - 1, D] when asked for (`embedding` is then the dense vector, or empty).
+    multi_vector: torch.Tensor | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -141,15 +153,24 @@ class LLM:
 
     def embed(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
               prompt_name: str = "", tokenization_kwargs: dict | None = None,
-              use_tqdm: bool = False, sparse_top_k: int = 0,
-              return_tokens: bool = False) -> list[EmbeddingRequestOutput]:
+              use_tqdm: bool = False, sparse_top_k: int = 0, return_tokens: bool = False,
+              embedding_types: tuple[str, ...] = ()) -> list[EmbeddingRequestOutput]:
         """One output per prompt, in order. A prompt is a string, {"prompt": str}, or
         {"prompt_token_ids": [...]}. `truncate_prompt_tokens`: k keeps k tokens, -1 the model's
         maximum; None rejects over-long prompts. Sparse models: `sparse_top_k` keeps the k
-        largest weights, `return_tokens` adds the tokens' strings (`outputs.sparse`)."""
+        largest weights, `return_tokens` adds the tokens' strings (`outputs.sparse`). Models
+        with several embeddings (BGE-M3): `embedding_types` ("dense", "sparse", "multi_vector")
+        fills `outputs.embedding`, `outputs.sparse` and `outputs.multi_vector` from one forward
+        pass."""
+        try:
+            types = frozenset(EmbeddingType(t) for t in embedding_types)
+        except ValueError:
+            raise ValueError(f"embedding_types must be among 'dense', 'sparse', 'multi_vector'; "
+                             f"got {list(embedding_types)}") from None
         outs = self._run(Task.EMBED, prompts, pooling_params, truncate_prompt_tokens,
                          tokenization_kwargs, use_tqdm, prompt=PromptOptions(name=prompt_name),
-                         sparse=SparseOptions(sparse_top_k, return_tokens))
+                         sparse=SparseOptions(sparse_top_k, return_tokens),
+                         embedding_types=types)
         return _wrap(EmbeddingRequestOutput, outs, _embeddings)
 
     def classify(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
@@ -162,20 +183,34 @@ class LLM:
 
     def score(self, data_1, data_2, pooling_params=None, *,
               truncate_prompt_tokens: int | None = None, tokenization_kwargs: dict | None = None,
-              use_tqdm: bool = False) -> list[ScoringRequestOutput]:
-        """Scores pairs: one text against many, many against one, or two equal-length lists."""
+              use_tqdm: bool = False,
+              hybrid_weights: dict[str, float] | None = None) -> list[ScoringRequestOutput]:
+        """Scores pairs: one text against many, many against one, or two equal-length lists.
+        Models with several embeddings (BGE-M3): `hybrid_weights` {"dense": w, "sparse": w,
+        "multi_vector": w} mixes their scores as BGEM3FlagModel.compute_score does."""
+        hybrid = None if hybrid_weights is None else HybridWeights(**hybrid_weights)
         outs = self._run(Task.SCORE, data_1, pooling_params, truncate_prompt_tokens,
-                         tokenization_kwargs, use_tqdm, documents=data_2)
+                         tokenization_kwargs, use_tqdm, documents=data_2, hybrid=hybrid)
         return _wrap(ScoringRequestOutput, outs,
                      lambda o: [ScoringOutput(float(s)) for s in o.scores])
 
     def encode(self, prompts, pooling_params=None, *, pooling_task: str | None = None,
                truncate_prompt_tokens: int | None = None, tokenization_kwargs: dict | None = None,
-               use_tqdm: bool = False) -> list[PoolingRequestOutput[PoolingOutput]]:
-        """The raw pooled output of `pooling_task` (default: the model's per-token task)."""
+               use_tqdm: bool = False,
+               input_role: str | None = None) -> list[PoolingRequestOutput[PoolingOutput]]:
+        """The raw pooled output of `pooling_task` (default: the model's per-token task).
+        Multi-vector (ColBERT) models: `input_role` "query" or "document" (the default) encodes
+        the prompts as that side, and each output is its [tokens, D] vectors."""
         task = Task(pooling_task) if pooling_task else self.engine.model("").default_task
+        role = None
+        if input_role is not None:
+            try:
+                role = InputRole(input_role)
+            except ValueError:
+                raise ValueError(f"input_role must be 'query' or 'document'; got "
+                                 f"{input_role!r}") from None
         outs = self._run(task, prompts, pooling_params, truncate_prompt_tokens,
-                         tokenization_kwargs, use_tqdm, raw=True)
+                         tokenization_kwargs, use_tqdm, raw=True, role=role)
         return _wrap(PoolingRequestOutput, outs,
                      lambda o: [PoolingOutput(torch.from_numpy(a)) for a in o.outputs])
 
@@ -200,7 +235,9 @@ class LLM:
     def _run(self, task: Task, prompts, pooling_params, truncate_prompt_tokens: int | None,
              tokenization_kwargs: dict | None, use_tqdm: bool, *, documents=None,
              prompt: PromptOptions = PromptOptions(), raw: bool = False,
-             sparse: SparseOptions = SparseOptions()) -> list[tuple[Output, list[int]]]:
+             sparse: SparseOptions = SparseOptions(), role: InputRole | None = None,
+             embedding_types: frozenset[EmbeddingType] = frozenset(),
+             hybrid: HybridWeights | None = None) -> list[tuple[Output, list[int]]]:
         """Submits the call as requests of at most _SLICE prompts (or pairs) sharing their
         PoolingParams, all at once; returns each request's output with the positions, in the
         call, of the prompts (or pairs) it answers."""
@@ -215,7 +252,8 @@ class LLM:
             for queries, docs_slice, places in _slices(inputs, docs, members):
                 requests.append(PoolingRequest(task, queries, docs_slice, params=group,
                                                truncation=truncation, prompt=prompt, raw=raw,
-                                               sparse=sparse))
+                                               sparse=sparse, role=role,
+                                               embedding_types=embedding_types, hybrid=hybrid))
                 positions.append(places)
         try:
             futures = [self.engine.submit(r) for r in requests]
@@ -231,6 +269,13 @@ class LLM:
 
 
 def _embeddings(out: Output) -> list[EmbeddingOutput]:
+    if isinstance(out, MultiEmbedOutput):
+        count = len(out.token_ids)
+        return [EmbeddingOutput(
+            out.dense[i].tolist() if out.dense is not None else [],
+            out.sparse[i] if out.sparse is not None else None,
+            torch.from_numpy(out.multi_vector[i]) if out.multi_vector is not None else None)
+            for i in range(count)]
     if isinstance(out, SparseEmbedOutput):
         return [EmbeddingOutput(v.dense(out.vocab_size).tolist(), v) for v in out.vectors]
     return [EmbeddingOutput(row.tolist()) for row in out.embeddings]

@@ -12,6 +12,8 @@ import torch
 
 from poolsvc.engine import cpu, fused
 from poolsvc.engine.backend import Backend
+from poolsvc.engine.bge_m3 import BGEM3, M3Layout, read_heads
+from poolsvc.engine.bge_m3 import HEADS as BGE_M3_HEADS
 from poolsvc.engine.config import (
     BUNDLED_HUB_ID,
     BUNDLED_MODEL,
@@ -21,6 +23,7 @@ from poolsvc.engine.config import (
 )
 from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.errors import ModelLoadError
+from poolsvc.engine.late_interaction import LateInteractionEncoder, special_token_ids
 from poolsvc.engine.model_files import DenseSpec, ModelFiles, read_model_files
 from poolsvc.engine.models import ARCHITECTURES, SPARSE_ARCHITECTURES, dual, hf_fallback
 from poolsvc.engine.params import PoolingType, Splade
@@ -56,7 +59,10 @@ def resolve(source: str, allow_pickle: bool) -> tuple[Path, tuple[str, ...]]:
     try:
         from huggingface_hub import snapshot_download
         ignore = _HUB_IGNORE + ([] if allow_pickle else ["*.bin", "*.pt", "*.pth"])
-        return Path(snapshot_download(source, ignore_patterns=ignore)), (source,)
+        path = Path(snapshot_download(source, ignore_patterns=ignore))
+        if not allow_pickle:  # BGE-M3's heads: plain tensors, loaded with weights_only
+            snapshot_download(source, allow_patterns=list(BGE_M3_HEADS))
+        return path, (source,)
     except Exception as exc:
         raise ModelLoadError(f"model {source!r} is neither a local directory nor downloadable from "
                              f"the Hugging Face hub: {exc}") from exc
@@ -145,6 +151,8 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
             template, answers = reranker
             backend = AnswerReranker(backend, answer_rows(
                 files.path, files.hf_config, _answer_ids(files, hf_tokenizer, answers)))
+        elif (heads := read_heads(files.path)) is not None:  # BGE-M3's sparse and colbert heads
+            backend = BGEM3(backend, *heads)
         backend = backend.to(device=device, dtype=dtype).eval()
         if quantize == "int8":
             if device.type != "cpu":
@@ -160,6 +168,11 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
     dense = _load_dense(files.dense, backend.hidden_size, allow_pickle)
     if dense is not None:
         dense = dense.to(device=device, dtype=dtype).eval()
+    late = None
+    if files.late_interaction is not None:
+        late = LateInteractionEncoder(files.late_interaction, hf_tokenizer, files.path,
+                                      min(backend.max_positions,
+                                          max_model_len or backend.max_positions))
     use_kernels = use_kernels and device.type == "cuda" and backend.kind is not Kind.DUAL_ENCODER \
         and fused.available()
     if use_kernels:
@@ -170,8 +183,21 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
                             vocab_size=vocab_size, logit=logit, max_model_len=max_model_len)
     if isinstance(backend, AnswerReranker):
         description = dataclasses.replace(description, score_template=template)
+    m3 = None
+    if isinstance(backend, BGEM3):
+        description = dataclasses.replace(
+            description, multi_vector_dimensions=backend.multi_vector_dimensions)
+        m3 = M3Layout(backend.hidden_size, backend.multi_vector_dimensions,
+                      special_token_ids(hf_tokenizer, files.path,
+                                        ("cls_token", "eos_token", "pad_token", "unk_token")),
+                      vocab_size)
+    if late is not None:
+        description = dataclasses.replace(description, kind=Kind.MULTI_VECTOR,
+                                          max_input_tokens=late.max_tokens,
+                                          late_interaction=files.late_interaction)
     tokenizer = TextTokenizer(hf_tokenizer, vocab_size, files.prompts, files.default_prompt_name)
-    model = ServedModel(description, backend, dense, tokenizer, device, dtype, use_kernels)
+    model = ServedModel(description, backend, dense, tokenizer, device, dtype, use_kernels, late,
+                        m3)
     log.info("loaded %s from %s: %s (%s, %s), %s, %d dims, max %d tokens, %s pooling, %s on %s",
              spec.name, path, files.architecture, description.kind.value, implementation,
              "/".join(t.value for t in description.tasks), description.embed_dimensions,

@@ -5,11 +5,12 @@ Dense and Normalize modules, sentence_bert_config.json, config_sentence_transfor
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from poolsvc.engine.errors import ModelLoadError
-from poolsvc.engine.params import Activation, PoolingType, Splade
+from poolsvc.engine.params import Activation, LateInteraction, PoolingType, Splade
 
 # Sentence-Transformers pooling mode names (`pooling_mode`) and their legacy boolean keys.
 _ST_POOLING_MODES = {
@@ -28,7 +29,11 @@ _ST_LEGACY_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
 }
-_ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize", "MLMTransformer", "SpladePooling")
+_ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize", "MLMTransformer", "SpladePooling",
+               "MultiVectorMask")
+# config_sentence_transformers.json model types of multi-vector (late-interaction) models: the
+# Sentence-Transformers MultiVectorEncoder, and PyLate's ColBERT (its v3 layout).
+_MULTI_VECTOR_TYPES = ("MultiVectorEncoder", "ColBERT")
 # torch activation classes named in Sentence-Transformers configs.
 _TORCH_ACTIVATIONS = {
     "Identity": Activation.IDENTITY,
@@ -73,6 +78,8 @@ class ModelFiles:
     score_activation: Activation | None = None
     # A SparseEncoder's SpladePooling module (pooling_type is then SPLADE).
     splade: Splade | None = None
+    # A multi-vector (ColBERT) model's query and document encoding; None for other models.
+    late_interaction: LateInteraction | None = None
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -98,10 +105,17 @@ def read_model_files(path: Path, source: str, aliases: tuple[str, ...]) -> Model
     cross_encoder = st_cfg.get("model_type") == "CrossEncoder" or \
         architecture.endswith("ForSequenceClassification")
     pooling, normalize, dense = None, True, ()  # no Sentence-Transformers files: the defaults
-    splade = None
+    splade = late = None
     modules = _read_json(path / "modules.json")
+    multi_vector = st_cfg.get("model_type") in _MULTI_VECTOR_TYPES
     if modules is not None:
-        pooling, normalize, dense, splade = _read_st_modules(path, modules, cross_encoder)
+        pooling, normalize, dense, splade = _read_st_modules(path, modules, cross_encoder,
+                                                             multi_vector)
+    if multi_vector:
+        late = _read_late_interaction(path, st_cfg, bert_cfg, modules or [])
+        normalize = normalize or st_cfg.get("model_type") == "ColBERT"  # PyLate: always
+        if not dense:
+            raise ModelLoadError(f"{path}: a multi-vector model needs its Dense projection")
     prompts = st_cfg.get("prompts") or {}
     default_prompt = st_cfg.get("default_prompt_name") or None
     if default_prompt is not None and default_prompt not in prompts:
@@ -114,7 +128,8 @@ def read_model_files(path: Path, source: str, aliases: tuple[str, ...]) -> Model
         lowercase=bool(bert_cfg.get("do_lower_case", False)), prompts=dict(prompts),
         default_prompt_name=default_prompt,
         matryoshka_dimensions=tuple(sorted(int(d) for d in matryoshka)),
-        score_activation=_cross_encoder_activation(path, hf_config, st_cfg), splade=splade)
+        score_activation=_cross_encoder_activation(path, hf_config, st_cfg), splade=splade,
+        late_interaction=late)
 
 
 def _torch_activation(path: Path, name: str) -> Activation:
@@ -140,7 +155,7 @@ def _tokenizer_max_length(path: Path) -> int | None:
     return value if isinstance(value, int) and value < 1_000_000 else None
 
 
-def _read_st_modules(path: Path, modules: list, cross_encoder: bool
+def _read_st_modules(path: Path, modules: list, cross_encoder: bool, multi_vector: bool = False
                      ) -> tuple[PoolingType | None, bool, tuple[DenseSpec, ...], Splade | None]:
     pooling, normalize, dense, splade = None, False, [], None
     for module in modules:
@@ -157,12 +172,14 @@ def _read_st_modules(path: Path, modules: list, cross_encoder: bool
         elif kind == "SpladePooling":
             pooling, splade = PoolingType.SPLADE, _read_st_splade(directory)
         elif kind == "Dense":
-            if pooling is None or normalize:
+            if (pooling is None and not multi_vector) or normalize:
                 raise ModelLoadError(f"{path}: a Dense module must come after Pooling and before "
                                      "Normalize")
-            dense.append(_read_st_dense(directory))
+            dense.append(_read_st_dense(directory, multi_vector))
         normalize = normalize or kind == "Normalize"
-    if pooling is None and not cross_encoder:  # a cross-encoder's head reads the tokens
+    if multi_vector and pooling is not None:
+        raise ModelLoadError(f"{path}: a multi-vector model has no Pooling module")
+    if pooling is None and not cross_encoder and not multi_vector:  # their heads read the tokens
         raise ModelLoadError(f"{path}: modules.json has no Pooling module")
     return pooling, normalize, tuple(dense), splade
 
@@ -178,15 +195,17 @@ def _read_st_splade(directory: Path) -> Splade:
     return splade
 
 
-def _read_st_dense(directory: Path) -> DenseSpec:
+def _read_st_dense(directory: Path, per_token: bool = False) -> DenseSpec:
+    """A Dense module on the sentence embedding (on every token's, for multi-vector models)."""
     config = _read_json(directory / "config.json")
     if not isinstance(config, dict):
         raise ModelLoadError(f"{directory} has no config.json for its Dense module")
-    if config.get("use_residual") or config.get("module_input_name", "sentence_embedding") != \
-            "sentence_embedding" or config.get("module_output_name", "sentence_embedding") != \
-            "sentence_embedding":
+    # PyLate's Dense saves no input name and reads the token embeddings
+    rows = "token_embeddings" if per_token else "sentence_embedding"
+    if config.get("use_residual") or config.get("module_input_name", rows) != rows or \
+            config.get("module_output_name", rows) != rows:
         raise ModelLoadError(f"{directory}: only plain Dense modules (no residual, on the "
-                             "sentence embedding) are supported")
+                             f"{rows.replace('_', ' ')}) are supported")
     try:
         return DenseSpec(path=directory, in_features=int(config["in_features"]),
                          out_features=int(config["out_features"]),
@@ -213,3 +232,53 @@ def _read_st_pooling(directory: Path) -> PoolingType:
     if config.get("include_prompt", True) is False:
         raise ModelLoadError(f"{directory}: include_prompt=false is not supported yet")
     return _ST_POOLING_MODES[modes[0]]
+
+
+def _read_late_interaction(path: Path, st_cfg: dict, bert_cfg: dict,
+                           modules: list) -> LateInteraction:
+    """A MultiVectorEncoder's (or PyLate v3 ColBERT's) markers, query expansion, lengths and
+    skip-list, with the defaults each library applies."""
+    if st_cfg.get("model_type") == "ColBERT":  # PyLate <= 3: flat keys, its defaults
+        expand = st_cfg.get("do_query_expansion")
+        query_length = int(st_cfg.get("query_length") or 32)
+        skiplist = st_cfg.get("skiplist_words")
+        return LateInteraction(
+            query_marker=_pylate_marker(st_cfg.get("query_prefix"), "[Q] "),
+            document_marker=_pylate_marker(st_cfg.get("document_prefix"), "[D] "),
+            query_length=query_length if expand is not False else None,
+            attend_expansion=bool(st_cfg.get("attend_to_expansion_tokens")),
+            query_max=query_length, document_length=int(st_cfg.get("document_length") or 180),
+            skiplist=tuple(skiplist if skiplist is not None else string.punctuation),
+            mean=st_cfg.get("similarity_fn_name") == "meanmaxsim")
+    prompts = st_cfg.get("prompts") or {}
+    document = next((prompts[k] for k in ("document", "passage", "corpus") if k in prompts), "")
+    expansion = bert_cfg.get("query_expansion")
+    masks = [m for m in modules if m.get("type", "").endswith("MultiVectorMask")]
+    mask = (_read_json(path / masks[0].get("path", "") / "config.json") or {}) if masks else {}
+    if mask.get("keep_only_token_ids"):
+        raise ModelLoadError(f"{path}: MultiVectorMask keep_only_token_ids is not supported")
+    if expansion is not None and not masks:
+        raise ModelLoadError(f"{path}: query expansion without a MultiVectorMask module (which "
+                             "scores the expansion tokens) is not supported")
+    tasks = mask.get("skiplist_tasks") or ["document"]
+    tasks = [tasks] if isinstance(tasks, str) else tasks
+    if expansion is not None and expansion.get("strategy") not in ("fixed", "min"):
+        raise ModelLoadError(f"{path}: query_expansion strategy {expansion.get('strategy')!r} "
+                             "is not supported (fixed or min)")
+    similarity = st_cfg.get("similarity_fn_name") or "maxsim"
+    if similarity not in ("maxsim", "meanmaxsim"):
+        raise ModelLoadError(f"{path}: similarity_fn_name {similarity!r} is not a late-"
+                             "interaction similarity (maxsim, meanmaxsim)")
+    return LateInteraction(
+        query_marker=prompts.get("query") or "", document_marker=document or "",
+        query_length=int(expansion["length"]) if expansion else None,
+        expansion=expansion["strategy"] if expansion else "fixed",
+        expansion_token=(expansion or {}).get("token"),
+        attend_expansion=bool((expansion or {}).get("attend")),
+        query_max=bert_cfg.get("query_length"), document_length=bert_cfg.get("document_length"),
+        skiplist=tuple(mask.get("skiplist_words") or ()), skip_queries="query" in tasks,
+        mean=similarity == "meanmaxsim")
+
+
+def _pylate_marker(value: str | None, default: str) -> str:
+    return default if value is None else value

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from poolsvc.engine import compact
-from poolsvc.engine.description import ModelDescription
+from poolsvc.engine import bge_m3, compact
+from poolsvc.engine.description import Kind, ModelDescription
+from poolsvc.engine.late_interaction import maxsim
 from poolsvc.engine.params import OutputDType, PoolingType, Task, Timing
 from poolsvc.engine.pooler import finish_rows
 from poolsvc.engine.request import now_ns
@@ -45,6 +46,7 @@ class EmbedOutput(Output):
     embeddings: np.ndarray          # [num_inputs, dimensions] in `dtype`
     dtype: OutputDType
     is_sparse: ClassVar[bool] = False
+    is_multi: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,20 @@ class SparseEmbedOutput(Output):
     vectors: list[SparseVector]     # per input
     vocab_size: int
     is_sparse: ClassVar[bool] = True
+    is_multi: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class MultiEmbedOutput(Output):
+    """What Embed gives on a model with several embeddings (BGE-M3) asked for more than the
+    dense one: each kind asked for, None for the others."""
+
+    dense: np.ndarray | None                # [num_inputs, H] float32
+    sparse: list[SparseVector] | None       # per input: its lexical weights
+    multi_vector: list[np.ndarray] | None   # per input: [num_tokens - 1, D] float32
+    vocab_size: int
+    is_sparse: ClassVar[bool] = False
+    is_multi: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,10 @@ def response_bytes(req: Request, model: ModelDescription) -> int:
     options, task = req.options, req.call.task
     if task is Task.SCORE:
         return (4 + _OVERHEAD_PER_OUTPUT) * max(len(req.pairs), len(req.token_ids))
+    if options.outputs is not None:  # BGE-M3: every token's vector and weight, a dense row
+        per_token = 4 * model.multi_vector_dimensions + 8 + 24 * req.call.sparse.return_tokens
+        return sum(map(len, req.token_ids)) * per_token + \
+            len(req.token_ids) * (4 * model.hidden_size + _OVERHEAD_PER_OUTPUT)
     if options.method is PoolingType.SPLADE:  # (id, weight) pairs, and maybe the strings
         entries = min(req.call.sparse.top_k or model.vocab_size, model.vocab_size)
         per_entry = 8 + (24 if req.call.sparse.return_tokens else 0)
@@ -109,7 +129,7 @@ def response_bytes(req: Request, model: ModelDescription) -> int:
     if task is Task.EMBED:
         width = options.dimensions or model.embed_dimensions
     elif task is Task.TOKEN_EMBED:
-        width = model.hidden_size
+        width = model.embed_dimensions if model.kind is Kind.MULTI_VECTOR else model.hidden_size
     else:
         width = len(options.returned_token_ids or ()) or model.num_labels
     rows = sum(map(len, req.token_ids)) if options.method.per_token else len(req.token_ids)
@@ -122,7 +142,16 @@ def build_output(req: Request) -> Output:
     options, task = req.options, req.call.task
     rows = [finish_rows(row, options) if req.chunked(i) else row
             for i, row in enumerate(req.rows)]
+    offsets = req.offsets
+    if req.kept is not None:  # multi-vector: the rows scored (documents: no skip-list tokens)
+        rows = [row if keep is None else row[torch.from_numpy(keep)]
+                for row, keep in zip(rows, req.kept)]
+        if offsets is not None:
+            offsets = [spans if keep is None else [spans[k] for k in keep]
+                       for spans, keep in zip(offsets, req.kept)]
     common = dict(model=req.model_name, token_ids=req.token_ids, timing=req.timing(now_ns()))
+    if options.outputs is not None:
+        return _m3(req, rows, common)
     if task is Task.SCORE:
         return _score(req, rows, common)
     if options.method is PoolingType.SPLADE:
@@ -133,7 +162,7 @@ def build_output(req: Request) -> Output:
         classes = task in (Task.CLASSIFY, Task.TOKEN_CLASSIFY) and \
             options.returned_token_ids is None
         return EncodeOutput(task=task, outputs=[to_numpy(r, dtype) for r in rows], dtype=dtype,
-                            labels=list(req.labels) if classes else [], offsets=req.offsets,
+                            labels=list(req.labels) if classes else [], offsets=offsets,
                             **common)
     stacked = to_numpy(torch.stack(rows), dtype)  # [num_inputs, D]
     if task is Task.EMBED:
@@ -155,9 +184,40 @@ def _sparse(row: torch.Tensor, req: Request) -> SparseVector:
     return SparseVector(ids.astype(np.int32), weights[ids].astype(np.float32), tokens)
 
 
+def _m3(req: Request, rows: list[torch.Tensor], common: dict) -> Output:
+    """BGE-M3's embeddings of each input, or Score's hybrid mix of them per pair."""
+    outputs = req.options.outputs
+    embeds = [bge_m3.unpack(row, ids, outputs, req.m3) for row, ids in zip(rows, req.token_ids)]
+    if req.call.task is Task.SCORE:
+        common["token_ids"] = [req.token_ids[q] + req.token_ids[d] for q, d in req.pairs]
+        scores = [bge_m3.hybrid_scores(embeds[q], embeds[d], req.call.hybrid)
+                  for q, d in req.pairs]
+        return ScoreOutput(scores=np.asarray(scores, dtype=np.float32), **common)
+    sparse = None
+    if bge_m3.EmbeddingType.SPARSE in outputs:
+        sparse = []
+        for e in embeds:
+            ids, weights = bge_m3.sparse_arrays(e.lexical)
+            if req.call.sparse.top_k:
+                ids, weights = ids[:req.call.sparse.top_k], weights[:req.call.sparse.top_k]
+            tokens = req.token_strings(ids) if req.token_strings is not None else None
+            sparse.append(SparseVector(ids, weights, tokens))
+    dense = torch.stack([e.dense for e in embeds]).numpy() \
+        if bge_m3.EmbeddingType.DENSE in outputs else None
+    vectors = [e.multi_vector.numpy() for e in embeds] \
+        if bge_m3.EmbeddingType.MULTI_VECTOR in outputs else None
+    return MultiEmbedOutput(dense=dense, sparse=sparse, multi_vector=vectors,
+                            vocab_size=req.m3.vocab_size, **common)
+
+
 def _score(req: Request, rows: list[torch.Tensor], common: dict) -> ScoreOutput:
     if not req.pairs:  # a cross-encoder: its activated logit per pair
         return ScoreOutput(scores=torch.stack(rows)[:, 0].float().numpy(), **common)
+    common["token_ids"] = [req.token_ids[q] + req.token_ids[d] for q, d in req.pairs]
+    if req.maxsim is not None:  # a multi-vector model: MaxSim of each pair's token vectors
+        mean = req.maxsim == "mean"
+        scores = torch.stack([maxsim(rows[q], rows[d], mean) for q, d in req.pairs])
+        return ScoreOutput(scores=scores.numpy(), **common)
     # a bi-encoder: the cosine of each pair's two embeddings, in float32
     vectors = torch.stack(rows).float()
     queries, documents = zip(*req.pairs)
@@ -165,5 +225,4 @@ def _score(req: Request, rows: list[torch.Tensor], common: dict) -> ScoreOutput:
     if req.logit is not None:  # CLIP / SigLIP logits: the cosine scaled and shifted
         scale, bias = req.logit
         scores = scores * scale + bias
-    common["token_ids"] = [req.token_ids[q] + req.token_ids[d] for q, d in req.pairs]
     return ScoreOutput(scores=scores.numpy(), **common)

@@ -45,6 +45,9 @@ class PackedBatch:
     # Image models: which sequences are images (no tokens), and their pixels [images, 3, H, W].
     is_image: tuple[bool, ...] = ()
     pixel_values: torch.Tensor | None = None
+    # Per sequence, how many of its first tokens are attended to (keys); the rest still attend
+    # (ColBERT's query expansion tokens). None: every token.
+    key_lens: tuple[int, ...] | None = None
 
     @cached_property
     def buckets(self) -> tuple[AttentionBucket, ...]:
@@ -52,8 +55,22 @@ class PackedBatch:
         and shared by every layer."""
         cu = np.fromiter(accumulate(self.prompt_lens, initial=0), dtype=np.int64)
         device = self.input_ids.device
-        return tuple(_bucket(members, self.prompt_lens, cu, device)
+        keys = self.key_lens or self.prompt_lens
+        return tuple(_bucket(members, self.prompt_lens, cu, device, keys)
                      for members in _group_by_length(self.prompt_lens))
+
+    @cached_property
+    def key_rows(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """With key_lens: the packed rows that are keys, their cu_seqlens and longest run, for
+        varlen attention (keys packed on their own); None without."""
+        if self.key_lens is None:
+            return None
+        cu = np.fromiter(accumulate(self.prompt_lens, initial=0), dtype=np.int64)
+        rows = np.concatenate([np.arange(cu[i], cu[i] + k) for i, k in enumerate(self.key_lens)])
+        cu_keys = np.fromiter(accumulate(self.key_lens, initial=0), dtype=np.int32)
+        device = self.input_ids.device
+        return (torch.from_numpy(rows).to(device), torch.from_numpy(cu_keys).to(device),
+                max(self.key_lens))
 
     def split(self, max_tokens: int) -> list[PackedBatch]:
         """Consecutive runs of whole sequences of at most `max_tokens` tokens (a longer sequence
@@ -83,20 +100,22 @@ class PackedBatch:
         device = self.input_ids.device
         perm_t = torch.from_numpy(perm).to(device)
         sorted_cu = np.fromiter(accumulate(lens[order], initial=0), dtype=np.int32)
+        keys = None if self.key_lens is None else tuple(self.key_lens[i] for i in order)
         return (PackedBatch(input_ids=self.input_ids[perm_t], positions=self.positions[perm_t],
                             token_type_ids=self.token_type_ids[perm_t],
                             cu_seqlens=torch.from_numpy(sorted_cu).to(device),
                             prompt_lens=tuple(int(n) for n in lens[order]),
-                            max_seqlen=self.max_seqlen),
+                            max_seqlen=self.max_seqlen, key_lens=keys),
                 torch.from_numpy(rows).to(device))
 
     def _rows(self, cu: list[int], first: int, stop: int) -> PackedBatch:
         rows = slice(cu[first], cu[stop])
         lens = self.prompt_lens[first:stop]
+        keys = None if self.key_lens is None else self.key_lens[first:stop]
         return PackedBatch(input_ids=self.input_ids[rows], positions=self.positions[rows],
                            token_type_ids=self.token_type_ids[rows],
                            cu_seqlens=self.cu_seqlens[first:stop + 1] - cu[first],
-                           prompt_lens=lens, max_seqlen=max(lens))
+                           prompt_lens=lens, max_seqlen=max(lens), key_lens=keys)
 
     @property
     def num_seqs(self) -> int:
@@ -110,11 +129,13 @@ class PackedBatch:
     def build(cls, token_ids: list[list[int]], token_type_ids: list[list[int]] | None,
               device: torch.device, position_offset: int = 0,
               pixels: list[torch.Tensor | None] | None = None,
-              pixel_dtype: torch.dtype = torch.float32) -> PackedBatch:
+              pixel_dtype: torch.dtype = torch.float32,
+              key_lens: list[int] | None = None) -> PackedBatch:
         """Packs on the host with numpy, then one copy per tensor to the device.
 
         `position_offset` shifts position ids (RoBERTa counts positions from padding_idx + 1).
         `pixels`: per sequence, an image's [3, H, W] pixels (its token ids are empty) or None.
+        `key_lens`: per sequence, how many of its first tokens are attended to (None: all).
         """
         lens = [len(t) for t in token_ids]
         cu = np.fromiter(accumulate(lens, initial=0), dtype=np.int64, count=len(lens) + 1)
@@ -142,7 +163,9 @@ class PackedBatch:
         return cls(input_ids=dev(ids), positions=dev(positions + position_offset),
                    token_type_ids=dev(types), cu_seqlens=dev(cu.astype(np.int32)),
                    prompt_lens=tuple(lens), max_seqlen=max_seqlen,
-                   is_image=is_image or (False,) * len(lens), pixel_values=pixel_values)
+                   is_image=is_image or (False,) * len(lens), pixel_values=pixel_values,
+                   key_lens=None if key_lens is None or list(key_lens) == lens
+                   else tuple(key_lens))
 
 
 def _group_by_length(lens: tuple[int, ...]) -> list[list[int]]:
@@ -160,13 +183,13 @@ def _group_by_length(lens: tuple[int, ...]) -> list[list[int]]:
 
 
 def _bucket(members: list[int], lens: tuple[int, ...], cu: np.ndarray,
-            device: torch.device) -> AttentionBucket:
+            device: torch.device, keys: tuple[int, ...]) -> AttentionBucket:
     width = lens[members[0]]
     rows = np.concatenate([np.arange(cu[i], cu[i + 1]) for i in members])
     pad_index = np.concatenate([k * width + np.arange(lens[i]) for k, i in enumerate(members)])
     key_mask = None
-    if any(lens[i] != width for i in members):
-        sizes = torch.tensor([lens[i] for i in members])
+    if any(keys[i] != width for i in members):  # padding, or tokens no one attends to
+        sizes = torch.tensor([keys[i] for i in members])
         key_mask = (torch.arange(width)[None, :] < sizes[:, None])[:, None, None, :].to(device)
     in_order = all(b == a + 1 for a, b in zip(members, members[1:]))
     return AttentionBucket(rows=torch.from_numpy(rows).to(device),

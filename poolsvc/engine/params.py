@@ -65,6 +65,77 @@ class SparseOptions:
         return bool(self.top_k) or self.return_tokens
 
 
+class InputRole(enum.Enum):
+    """Which side of a late-interaction match an input is on (multi-vector models)."""
+
+    QUERY = "query"
+    DOCUMENT = "document"
+
+
+@dataclass(frozen=True)
+class LateInteraction:
+    """A multi-vector (ColBERT) model's encoding of each side, from its Sentence-Transformers
+    MultiVectorEncoder or PyLate files.
+
+    Each side's `marker` (e.g. "[Q] ") is inserted after the first token when it is one token of
+    the vocabulary, else prepended to the text. Queries are padded with the `expansion_token`
+    (None: the tokenizer's mask token) to `query_length` tokens ("fixed": exactly that many, so
+    longer queries are over the limit; "min": at least that many, up to `query_max`); the
+    expansion tokens attend to the query but are not attended to, unless `attend_expansion`.
+    Document tokens whose strings are in `skiplist` (and query tokens, if `skip_queries`) are
+    dropped from the output. `mean` divides MaxSim by the query's token count ("meanmaxsim")."""
+
+    query_marker: str = ""
+    document_marker: str = ""
+    query_length: int | None = None
+    expansion: str = "fixed"
+    expansion_token: str | None = None
+    attend_expansion: bool = False
+    query_max: int | None = None
+    document_length: int | None = None
+    skiplist: tuple[str, ...] = ()
+    skip_queries: bool = False
+    mean: bool = False
+
+
+class EmbeddingType(enum.Enum):
+    """A kind of embedding a model gives; BGE-M3 gives all three from one forward pass."""
+
+    DENSE = "dense"
+    SPARSE = "sparse"              # weights over the vocabulary (lexical weights)
+    MULTI_VECTOR = "multi_vector"  # a vector per token
+
+
+@dataclass(frozen=True)
+class HybridWeights:
+    """A hybrid score's weights, as FlagEmbedding's BGEM3FlagModel.compute_score mixes them:
+    (dense * s_dense + sparse * s_sparse + multi_vector * s_colbert) / (their sum)."""
+
+    dense: float = 0.0
+    sparse: float = 0.0
+    multi_vector: float = 0.0
+
+    def __post_init__(self):
+        for name in ("dense", "sparse", "multi_vector"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses NaN
+                raise InvalidInputError(f"hybrid_weights.{name} must be 0 or more; got {value}")
+        if self.total <= 0:
+            raise InvalidInputError("hybrid_weights: give at least one weight above 0 (dense, "
+                                    "sparse, multi_vector)")
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.sparse + self.multi_vector
+
+    @property
+    def types(self) -> frozenset[EmbeddingType]:
+        """The embeddings the score needs: those weighted above 0."""
+        return frozenset(t for t, w in ((EmbeddingType.DENSE, self.dense),
+                                        (EmbeddingType.SPARSE, self.sparse),
+                                        (EmbeddingType.MULTI_VECTOR, self.multi_vector)) if w > 0)
+
+
 class Activation(enum.Enum):
     """What turns a head's logits into the task's output."""
 

@@ -23,7 +23,14 @@ from poolsvc.engine.description import Kind, ModelDescription
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.fused import kernels
 from poolsvc.engine.packing import PackedBatch
-from poolsvc.engine.params import Activation, OutputDType, PoolingType, Splade, Task
+from poolsvc.engine.params import (
+    Activation,
+    EmbeddingType,
+    OutputDType,
+    PoolingType,
+    Splade,
+    Task,
+)
 from poolsvc.engine.request import PoolingRequest
 
 # Sequence methods the Triton pooling kernel implements (with dimensions, normalize, dtype).
@@ -34,6 +41,7 @@ class Head(enum.Enum):
     NONE = "none"      # the pooled hidden states themselves
     DENSE = "dense"    # Sentence-Transformers Dense modules
     MODEL = "model"    # the checkpoint's classification / reward head (a dual encoder's towers)
+    M3 = "m3"          # BGE-M3's heads: several embeddings of the same hidden states
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class PoolerOptions:
     step_tag_id: int | None = None
     returned_token_ids: tuple[int, ...] | None = None
     splade: Splade | None = None  # SPLADE: its strategy and activation
+    # BGE-M3: the embeddings each sequence gives (engine/bge_m3.py); None: one output
+    outputs: frozenset[EmbeddingType] | None = None
 
     def for_chunks(self) -> PoolerOptions:
         """What each chunk of a chunked input is pooled with: raw float32 rows, so their
@@ -78,7 +88,8 @@ def options_for(request: PoolingRequest, model: ModelDescription) -> PoolerOptio
     task, params = request.task, request.params
     model.check_task(task)
     allowed = set(_TASK_OPTIONS[task])
-    if task is Task.SCORE and model.scores_by_cosine and model.kind is not Kind.DUAL_ENCODER:
+    if task is Task.SCORE and (model.scores_by_cosine or model.kind is Kind.MULTI_VECTOR) and \
+            model.kind is not Kind.DUAL_ENCODER:
         allowed.discard("activation")  # a bi-encoder's score is the cosine, nothing to activate
     if request.raw and params.dimensions is not None:  # Encode returns the task's raw output
         raise InvalidInputError("dimensions does not apply to encode; leave it unset")
@@ -94,12 +105,30 @@ def options_for(request: PoolingRequest, model: ModelDescription) -> PoolerOptio
                                 model.token_pooling is PoolingType.ALL):
         raise InvalidInputError("return_offsets applies to Encode's per-token outputs (a row "
                                 "per token: token_classify, token_embed); leave it unset")
+    if request.role is not None and model.kind is not Kind.MULTI_VECTOR:
+        raise InvalidInputError(f"input_role applies to late-interaction (multi-vector) models; "
+                                f"{model.name} is {model.kind.value}: leave it unset")
+    if request.hybrid is not None and not model.bge_m3:
+        raise InvalidInputError(f"hybrid_weights applies to models with several embeddings "
+                                f"(BGE-M3); {model.name} is {model.kind.value}: leave it unset")
+    types = request.embedding_types
+    if types and not types <= model.embedding_types:
+        wrong = sorted(t.name for t in types - model.embedding_types)
+        raise InvalidInputError(f"embedding_types {', '.join(wrong)}: {model.name} gives "
+                                f"{', '.join(t.name for t in model.embedding_types) or 'none'}")
+    if model.bge_m3 and (request.hybrid is not None or types - {EmbeddingType.DENSE}):
+        return _m3_options(request, model)
     if model.kind is Kind.SPARSE:
         return _sparse_options(request, model)
     if request.sparse.requested:
         field = "sparse_top_k" if request.sparse.top_k else "return_tokens"
+        if model.bge_m3:
+            raise InvalidInputError(f"{field} applies to sparse embeddings: add SPARSE to "
+                                    "embedding_types, or leave it unset")
         raise InvalidInputError(f"{field} applies to sparse models (SPLADE); {model.name} is "
                                 f"{model.kind.value}: leave it unset")
+    if model.kind is Kind.MULTI_VECTOR:
+        return _multi_vector_options(request, model)
     if task is Task.EMBED or (task is Task.SCORE and model.scores_by_cosine):
         model.check_dimensions(params.dimensions)
         normalize = True if task is Task.SCORE else \
@@ -135,6 +164,43 @@ def _sparse_options(request: PoolingRequest, model: ModelDescription) -> PoolerO
     return PoolerOptions(PoolingType.SPLADE, Head.MODEL, splade=model.splade)
 
 
+def _m3_options(request: PoolingRequest, model: ModelDescription) -> PoolerOptions:
+    """BGE-M3's embeddings from one forward pass: those Embed asks for, or those a hybrid
+    score weighs above 0; in float32, the dense one normalized as the model is."""
+    params = request.params
+    if request.hybrid is not None:
+        return PoolerOptions(PoolingType.CLS, Head.M3, normalize=True,
+                             outputs=request.hybrid.types)
+    if params.dimensions is not None or params.out_dtype is not OutputDType.FLOAT32:
+        field = "dimensions" if params.dimensions is not None else "output_dtype"
+        raise InvalidInputError(f"{field} applies to dense embeddings alone; with sparse or "
+                                "multi-vector embedding_types leave it unset")
+    if request.sparse.requested and EmbeddingType.SPARSE not in request.embedding_types:
+        field = "sparse_top_k" if request.sparse.top_k else "return_tokens"
+        raise InvalidInputError(f"{field} applies to sparse embeddings: add SPARSE to "
+                                "embedding_types, or leave it unset")
+    if model.chunk_size is not None:
+        raise InvalidInputError("sparse and multi-vector embedding_types are not computed in "
+                                "chunks: serve the model without enable_chunked_processing")
+    return PoolerOptions(PoolingType.CLS, Head.M3,
+                         normalize=_pick(params.normalize, model.normalize_default),
+                         outputs=frozenset(request.embedding_types))
+
+
+def _multi_vector_options(request: PoolingRequest, model: ModelDescription) -> PoolerOptions:
+    """A multi-vector model's token vectors: every token through the Dense projection, then
+    normalized (as the model's files say, unless the request says otherwise). Score's MaxSim
+    takes them in float32, normalized as the model is."""
+    params = request.params
+    if request.task is Task.SCORE:
+        return PoolerOptions(PoolingType.ALL, Head.DENSE, normalize=model.normalize_default)
+    normalize = _pick(params.normalize, model.normalize_default)
+    return PoolerOptions(PoolingType.ALL, Head.DENSE, normalize=normalize,
+                         out_dtype=params.out_dtype,
+                         int8_range=_int8_range(params.out_dtype, normalize,
+                                                model.embed_dimensions, model))
+
+
 def _int8_range(dtype: OutputDType, normalize: bool, width: int,
                 model: ModelDescription) -> float | None:
     """The range int8 / uint8 outputs are quantized over: the model's configured one, else the
@@ -160,6 +226,8 @@ def _embed_head(model: ModelDescription) -> Head:
 def _what(request: PoolingRequest, model: ModelDescription) -> str:
     if request.task is Task.SCORE and model.scores_by_cosine:
         return f"score with embedding model {model.name} (the score is a cosine)"
+    if request.task is Task.SCORE and model.kind is Kind.MULTI_VECTOR:
+        return f"score with multi-vector model {model.name} (the score is MaxSim)"
     return request.task.value
 
 
@@ -175,6 +243,12 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, index: torch.Tensor | None,
     """The sequences `index` of the batch (None: all), pooled with `options`: rows [n, D] in the
     output dtype, one per sequence, or for per-token methods the rows of every kept token and
     how many belong to each sequence."""
+    if options.outputs is not None:  # BGE-M3: a flat row of several embeddings per sequence
+        lengths = list(batch.prompt_lens)
+        if index is not None:
+            hidden, _ = _select(hidden, batch.cu_seqlens, index)
+            lengths = [lengths[i] for i in index.tolist()]
+        return head(hidden, lengths, options.outputs, options.normalize)
     if options.method is PoolingType.SPLADE:
         return splade_rows(hidden, batch, index, head, options.splade), None
     if options.method.per_token:

@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.images import ImageInput
-from poolsvc.engine.params import PoolingParams, PromptOptions, SparseOptions, Task, Truncation
+from poolsvc.engine.params import (
+    EmbeddingType,
+    HybridWeights,
+    InputRole,
+    PoolingParams,
+    PromptOptions,
+    SparseOptions,
+    Task,
+    Truncation,
+)
 
 # An input is text, token ids from the model's tokenizer, or an image (image models).
 Prompt = str | Seq[int] | ImageInput
@@ -38,6 +47,13 @@ class PoolingRequest:
     raw: bool = False
     sparse: SparseOptions = SparseOptions()  # sparse models' embeddings: top_k, token strings
     offsets: bool = False  # Encode, per-token outputs: each row's character span in its text
+    # Multi-vector models: whether the inputs are queries or documents (None: documents); Score
+    # encodes its queries and documents each as their side.
+    role: InputRole | None = None
+    # Models with several embeddings (BGE-M3): which ones Embed returns (empty: the model's own
+    # kind), and Score's weights for mixing them (None: the dense score).
+    embedding_types: frozenset[EmbeddingType] = frozenset()
+    hybrid: HybridWeights | None = None
     arrival_ns: int = field(default_factory=now_ns)
     deadline_ns: int | None = None
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from poolsvc.engine.backend import ModelBackend
+from poolsvc.engine.bge_m3 import M3Layout
 from poolsvc.engine.description import Kind, ModelDescription
+from poolsvc.engine.late_interaction import LateInteractionEncoder
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import Task
 from poolsvc.engine.pooler import DenseHead, Head, PoolerOptions, finish_rows, options_for, pool
@@ -42,6 +44,9 @@ class ServedModel:
     device: torch.device
     dtype: torch.dtype
     use_kernels: bool = False  # Triton kernels for pooling (and the backend's fused layers)
+    # Multi-vector models: each side's markers, expansion and skip-list (tokenizer-resolved)
+    late_interaction: LateInteractionEncoder | None = None
+    m3: M3Layout | None = None  # BGE-M3: how its rows unpack
 
     @property
     def name(self) -> str:
@@ -59,8 +64,11 @@ class ServedModel:
         if any(s.token_type_ids is not None for s in seqs):
             types = [s.token_type_ids or [0] * s.num_tokens for s in seqs]
         pixels = [s.pixels for s in seqs] if any(s.pixels is not None for s in seqs) else None
+        keys = None
+        if any(s.attended is not None for s in seqs):
+            keys = [s.num_tokens if s.attended is None else s.attended for s in seqs]
         return PackedBatch.build([s.token_ids for s in seqs], types, self.device,
-                                 self.backend.position_offset, pixels, self.dtype)
+                                 self.backend.position_offset, pixels, self.dtype, keys)
 
     @torch.inference_mode()
     def compute(self, seqs: list[Sequence], batch: PackedBatch) -> HostRows:
@@ -95,6 +103,8 @@ class ServedModel:
             return self.dense
         if head is Head.MODEL:
             return lambda rows: self.backend.head(rows.to(self.dtype))  # [rows, num_labels]
+        if head is Head.M3:
+            return self.backend.rows
         return None
 
     def warm_up(self) -> None:

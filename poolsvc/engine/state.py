@@ -23,7 +23,10 @@ class Request:
     `token_ids` are what the model sees per input (per pair for cross-encoders); `options`
     how each is pooled on the device. Score by cosine embeds every query and document once and
     pairs them as `pairs` (documents numbered after the queries); `logit` is a dual encoder's
-    (scale, bias) when its logits were asked for instead of the cosine."""
+    (scale, bias) when its logits were asked for instead of the cosine. Multi-vector models:
+    `attended` counts, per input, the tokens attended to (None: all), `kept` the rows each
+    input's output keeps (None: all), and `maxsim` ("sum" or "mean") is how Score reduces a
+    pair's token similarities."""
 
     call: PoolingRequest
     model_name: str
@@ -38,6 +41,10 @@ class Request:
     logit: tuple[float, float] | None = None
     token_strings: Callable[[Any], list[str]] | None = None  # sparse models: return_tokens
     offsets: list[list[tuple[int, int]]] | None = None  # Encode's return_offsets, per input
+    attended: list[int | None] | None = None
+    kept: list[Any] | None = None        # per input: numpy row indices, or None
+    maxsim: str | None = None
+    m3: Any = None                       # BGE-M3 outputs: their M3Layout (engine/bge_m3.py)
     tokenized_ns: int = field(default_factory=now_ns)
     started_ns: int = 0
     future: Future = field(default_factory=Future)
@@ -83,7 +90,8 @@ class Request:
                                          types[start:end] if types else None))
             else:
                 types = self.token_type_ids[i] if self.token_type_ids is not None else None
-                seqs.append(Sequence(self, i, ids, self.options, types))
+                attended = self.attended[i] if self.attended is not None else None
+                seqs.append(Sequence(self, i, ids, self.options, types, attended=attended))
         self.remaining = len(seqs)
         return seqs
 
@@ -131,6 +139,7 @@ class Sequence:
     token_type_ids: list[int] | None = None
     pixels: torch.Tensor | None = None   # an image input instead of tokens
     image_tokens: int = 0                # its cost in the batch's token budget
+    attended: int | None = None          # how many of its first tokens are attended to
 
     @property
     def num_tokens(self) -> int:

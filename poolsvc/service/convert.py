@@ -12,6 +12,9 @@ from poolsvc.engine.config import Limits
 from poolsvc.engine.errors import InvalidInputError
 from poolsvc.engine.images import ImageInput
 from poolsvc.engine.params import (
+    EmbeddingType,
+    HybridWeights,
+    InputRole,
     OutputDType,
     PoolingParams,
     PromptOptions,
@@ -28,6 +31,7 @@ if TYPE_CHECKING:  # the outputs module pulls in torch; only their types are nee
         ClassifyOutput,
         EmbedOutput,
         EncodeOutput,
+        MultiEmbedOutput,
         ScoreOutput,
         SparseEmbedOutput,
         SparseVector,
@@ -72,6 +76,16 @@ class When(TypedDict):
     deadline_ns: int | None
 
 
+_ROLES = {
+    common_pb2.INPUT_ROLE_UNSPECIFIED: None,
+    common_pb2.INPUT_ROLE_QUERY: InputRole.QUERY,
+    common_pb2.INPUT_ROLE_DOCUMENT: InputRole.DOCUMENT,
+}
+_EMBEDDING_TYPES = {
+    common_pb2.EMBEDDING_TYPE_DENSE: EmbeddingType.DENSE,
+    common_pb2.EMBEDDING_TYPE_SPARSE: EmbeddingType.SPARSE,
+    common_pb2.EMBEDDING_TYPE_MULTI_VECTOR: EmbeddingType.MULTI_VECTOR,
+}
 _SIDES = {
     common_pb2.TRUNCATION_SIDE_UNSPECIFIED: TruncationSide.RIGHT,
     common_pb2.TRUNCATION_SIDE_RIGHT: TruncationSide.RIGHT,
@@ -133,7 +147,25 @@ def embed_request(msg: embed_pb2.EmbedRequest, when: When, limits: Limits) -> Po
                            out_dtype=output_dtype(msg.output_dtype))
     return PoolingRequest(Task.EMBED, inputs(msg.inputs, limits), model=msg.model, params=params,
                           truncation=truncation(msg), prompt=prompt(msg),
-                          sparse=SparseOptions(msg.sparse_top_k, msg.return_tokens), **when)
+                          sparse=SparseOptions(msg.sparse_top_k, msg.return_tokens),
+                          embedding_types=embedding_types(msg.embedding_types), **when)
+
+
+def embedding_types(values) -> frozenset[EmbeddingType]:
+    out = set()
+    for value in values:
+        if value not in _EMBEDDING_TYPES:
+            raise InvalidInputError(f"embedding_types {value} is not an EmbeddingType (DENSE, "
+                                    "SPARSE, MULTI_VECTOR)")
+        out.add(_EMBEDDING_TYPES[value])
+    return frozenset(out)
+
+
+def hybrid(msg) -> HybridWeights | None:
+    if not msg.HasField("hybrid_weights"):
+        return None
+    w = msg.hybrid_weights
+    return HybridWeights(dense=w.dense, sparse=w.sparse, multi_vector=w.multi_vector)
 
 
 def classify_request(msg: classify_pb2.ClassifyRequest, when: When,
@@ -148,7 +180,7 @@ def score_request(msg: score_pb2.ScoreRequest, when: When, limits: Limits) -> Po
     return PoolingRequest(Task.SCORE, inputs(msg.queries, limits, "query"),
                           inputs(msg.documents, limits, "document"), model=msg.model,
                           params=PoolingParams(activation=_optional(msg, "activation")),
-                          truncation=truncation(msg), **when)
+                          truncation=truncation(msg), hybrid=hybrid(msg), **when)
 
 
 def rerank_request(msg: score_pb2.RerankRequest, when: When, limits: Limits) -> PoolingRequest:
@@ -159,7 +191,7 @@ def rerank_request(msg: score_pb2.RerankRequest, when: When, limits: Limits) -> 
     return PoolingRequest(Task.SCORE, inputs([msg.query], limits, "query"),
                           inputs(msg.documents, limits, "document"), model=msg.model,
                           params=PoolingParams(activation=_optional(msg, "activation")),
-                          truncation=truncation(msg), **when)
+                          truncation=truncation(msg), hybrid=hybrid(msg), **when)
 
 
 def encode_request(msg: encode_pb2.EncodeRequest, when: When, limits: Limits,
@@ -171,9 +203,11 @@ def encode_request(msg: encode_pb2.EncodeRequest, when: When, limits: Limits,
     params = PoolingParams(normalize=_optional(msg, "normalize"),
                            activation=_optional(msg, "activation"),
                            out_dtype=output_dtype(msg.output_dtype))
+    if msg.input_role not in _ROLES:
+        raise InvalidInputError(f"input_role {msg.input_role} is not an InputRole")
     return PoolingRequest(task, inputs(msg.inputs, limits), model=msg.model, params=params,
                           truncation=truncation(msg), prompt=prompt(msg), raw=True,
-                          offsets=msg.return_offsets, **when)
+                          offsets=msg.return_offsets, role=_ROLES[msg.input_role], **when)
 
 
 def _task(value: int) -> Task | None:
@@ -204,7 +238,20 @@ def timing(t: Timing) -> common_pb2.Timing:
                              inference_ns=t.inference_ns, total_ns=t.total_ns)
 
 
-def embed_response(out: EmbedOutput | SparseEmbedOutput) -> embed_pb2.EmbedResponse:
+def embed_response(out: EmbedOutput | SparseEmbedOutput | MultiEmbedOutput
+                   ) -> embed_pb2.EmbedResponse:
+    if out.is_multi:  # several embeddings (BGE-M3)
+        response = embed_pb2.EmbedResponse(model=out.model, usage=usage(out.prompt_lens),
+                                           timing=timing(out.timing))
+        if out.dense is not None:
+            response.embeddings.CopyFrom(tensor(out.dense, OutputDType.FLOAT32))
+        if out.sparse is not None:
+            response.sparse_embeddings.extend(sparse_embedding(v) for v in out.sparse)
+            response.sparse_dimensions = out.vocab_size
+        if out.multi_vector is not None:
+            response.multi_vector_embeddings.extend(tensor(a, OutputDType.FLOAT32)
+                                                    for a in out.multi_vector)
+        return response
     if out.is_sparse:
         return embed_pb2.EmbedResponse(
             model=out.model, sparse_embeddings=[sparse_embedding(v) for v in out.vectors],

@@ -23,14 +23,21 @@ from poolsvc_client.build import (
 from poolsvc_client.channel import channel_options, make_channel
 from poolsvc_client.client import AsyncClient, Client
 from poolsvc_client.errors import PoolsvcError, StreamItemError
-from poolsvc_client.results import Classification, RerankResult, SparseVector, TokenLabels
+from poolsvc_client.results import (
+    Classification,
+    MultiEmbedding,
+    RerankResult,
+    SparseVector,
+    TokenLabels,
+)
 from poolsvc_client.tensors import decode_tensor
 
 __version__ = "0.1.0"
 
 build_embed_request = embed_request  # the name it had first
 
-__all__ = ["AsyncClient", "Classification", "Client", "PoolsvcError", "RerankResult",
+__all__ = ["AsyncClient", "Classification", "Client", "MultiEmbedding", "PoolsvcError",
+           "RerankResult",
            "SparseVector", "StreamItemError", "TokenLabels", "build_embed_request",
            "channel_options", "classify_request", "decode_tensor", "embed_request",
            "encode_request", "make_channel", "rerank_request", "score_request",

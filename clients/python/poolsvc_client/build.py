@@ -29,6 +29,10 @@ DTYPES = {"float32": tensor_pb2.DATA_TYPE_FLOAT32, "float16": tensor_pb2.DATA_TY
           "uint8": tensor_pb2.DATA_TYPE_UINT8, "binary": tensor_pb2.DATA_TYPE_BINARY,
           "ubinary": tensor_pb2.DATA_TYPE_UBINARY}
 SIDES = {"right": common_pb2.TRUNCATION_SIDE_RIGHT, "left": common_pb2.TRUNCATION_SIDE_LEFT}
+EMBEDDING_TYPES = {"dense": common_pb2.EMBEDDING_TYPE_DENSE,
+                   "sparse": common_pb2.EMBEDDING_TYPE_SPARSE,
+                   "multi_vector": common_pb2.EMBEDDING_TYPE_MULTI_VECTOR}
+ROLES = {"query": common_pb2.INPUT_ROLE_QUERY, "document": common_pb2.INPUT_ROLE_DOCUMENT}
 TASKS = {"token_embed": common_pb2.TASK_TOKEN_EMBED,
          "token_classify": common_pb2.TASK_TOKEN_CLASSIFY, "reward": common_pb2.TASK_REWARD,
          "embed": common_pb2.TASK_EMBED, "classify": common_pb2.TASK_CLASSIFY}
@@ -85,15 +89,19 @@ def embed_request(texts: Text | Sequence[Text], *, model: str = "",
                   truncate: bool | int | None = None, truncation_side: str = "right",
                   dtype: str = "float32", prompt_name: str = "",
                   prompt: str = "", sparse_top_k: int = 0,
-                  return_tokens: bool = False) -> embed_pb2.EmbedRequest:
+                  return_tokens: bool = False,
+                  embedding_types: Sequence[str] = ()) -> embed_pb2.EmbedRequest:
     """Embed options: `normalize` (None: the model's default), `dimensions` (Matryoshka),
     `truncate`, `truncation_side` ("right", "left"), `dtype` ("float32", "float16", "bfloat16"),
     `prompt_name` (a prompt of the model's config) or `prompt` (a literal prefix); for sparse
-    models `sparse_top_k` (the k largest weights; 0: all) and `return_tokens`."""
+    models `sparse_top_k` (the k largest weights; 0: all) and `return_tokens`;
+    `embedding_types` ("dense", "sparse", "multi_vector"; models with several, BGE-M3)."""
     request = embed_pb2.EmbedRequest(
         model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
         output_dtype=_choice("dtype", dtype, DTYPES), sparse_top_k=sparse_top_k,
-        return_tokens=return_tokens)
+        return_tokens=return_tokens,
+        embedding_types=[_choice("embedding_types", t, EMBEDDING_TYPES)
+                         for t in embedding_types])
     if normalize is not None:
         request.normalize = normalize
     if dimensions is not None:
@@ -119,12 +127,14 @@ def classify_request(texts: Text | Sequence[Text], *, model: str = "",
 
 def score_request(queries: Text | Sequence[Text], documents: Text | Sequence[Text], *,
                   model: str = "", activation: bool | None = None,
-                  truncate: bool | int | None = None,
-                  truncation_side: str = "right") -> score_pb2.ScoreRequest:
+                  truncate: bool | int | None = None, truncation_side: str = "right",
+                  hybrid_weights: dict[str, float] | None = None) -> score_pb2.ScoreRequest:
     """Pairs 1:N, N:1 or N:N (zipped). `activation` False: a cross-encoder's raw logit, a
-    CLIP/SigLIP model's logits."""
+    CLIP/SigLIP model's logits. `hybrid_weights` {"dense", "sparse", "multi_vector"}: BGE-M3's
+    weighted mix of its three scores."""
     request = score_pb2.ScoreRequest(model=model, queries=to_inputs(queries),
                                      documents=to_inputs(documents))
+    _hybrid(request, hybrid_weights)
     if activation is not None:
         request.activation = activation
     _truncation(request, truncate, truncation_side)
@@ -134,28 +144,44 @@ def score_request(queries: Text | Sequence[Text], documents: Text | Sequence[Tex
 def rerank_request(query: Text, documents: Text | Sequence[Text], *, model: str = "",
                    top_n: int = 0, return_documents: bool = False,
                    activation: bool | None = None, truncate: bool | int | None = None,
-                   truncation_side: str = "right") -> score_pb2.RerankRequest:
-    """`top_n`: keep the best n (0: all); `return_documents`: send each document's text back."""
+                   truncation_side: str = "right",
+                   hybrid_weights: dict[str, float] | None = None) -> score_pb2.RerankRequest:
+    """`top_n`: keep the best n (0: all); `return_documents`: send each document's text back;
+    `hybrid_weights` as score_request."""
     request = score_pb2.RerankRequest(model=model, query=to_input(query),
                                       documents=to_inputs(documents), top_n=top_n,
                                       return_documents=return_documents)
+    _hybrid(request, hybrid_weights)
     if activation is not None:
         request.activation = activation
     _truncation(request, truncate, truncation_side)
     return request
 
 
+def _hybrid(request, weights: dict[str, float] | None) -> None:
+    if weights is None:
+        return
+    if unknown := sorted(set(weights) - {"dense", "sparse", "multi_vector"}):
+        raise ValueError(f"hybrid_weights has unknown keys {unknown}; accepted: 'dense', "
+                         "'sparse', 'multi_vector'")
+    request.hybrid_weights.CopyFrom(score_pb2.HybridWeights(**weights))
+
+
 def encode_request(texts: Text | Sequence[Text], *, model: str = "", task: str | None = None,
                    normalize: bool | None = None, activation: bool | None = None,
                    truncate: bool | int | None = None, truncation_side: str = "right",
                    dtype: str = "float32", prompt_name: str = "",
-                   prompt: str = "", return_offsets: bool = False) -> encode_pb2.EncodeRequest:
+                   prompt: str = "", return_offsets: bool = False,
+                   input_role: str | None = None) -> encode_pb2.EncodeRequest:
     """`task`: "token_embed", "token_classify", "reward", "embed" or "classify" (None: the
     model's default task); `return_offsets`: each row's character span (per-token tasks);
-    other options as embed_request and classify_request."""
+    `input_role`: "query" or "document" (multi-vector models); other options as embed_request
+    and classify_request."""
     request = encode_pb2.EncodeRequest(
         model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
         return_offsets=return_offsets,
+        input_role=common_pb2.INPUT_ROLE_UNSPECIFIED if input_role is None
+        else _choice("input_role", input_role, ROLES),
         output_dtype=_choice("dtype", dtype, DTYPES),
         task=common_pb2.TASK_UNSPECIFIED if task is None else _choice("task", task, TASKS))
     if normalize is not None:

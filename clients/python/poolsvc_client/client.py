@@ -64,6 +64,16 @@ class _Api:
             texts, sparse_top_k=top_k, return_tokens=return_tokens, **options),
             results.sparse_embeddings)
 
+    def embed_multi(self, texts: Text | Sequence[Text], *,
+                    types: Sequence[str] = ("dense", "sparse", "multi_vector"),
+                    **options) -> results.MultiEmbedding:
+        """Several embeddings of each input from one forward pass (BGE-M3): `types` among
+        "dense", "sparse" (lexical weights; options top_k, return_tokens) and "multi_vector"."""
+        top_k, tokens = options.pop("top_k", 0), options.pop("return_tokens", False)
+        return self._unary(self.embed_stub.Embed, build.embed_request(
+            texts, embedding_types=types, sparse_top_k=top_k, return_tokens=tokens, **options),
+            results.multi_embedding)
+
     def embed_response(self, texts: Text | Sequence[Text], **options) -> embed_pb2.EmbedResponse:
         """The whole EmbedResponse (usage, timing) rather than the array."""
         return self._unary(self.embed_stub.Embed, build.embed_request(texts, **options),
@@ -94,6 +104,14 @@ class _Api:
         build.encode_request (model, task, normalize, activation, truncate, dtype, prompts)."""
         return self._unary(self.encode_stub.Encode, build.encode_request(texts, **options),
                            results.encodings)
+
+    def encode_multi_vector(self, texts: Text | Sequence[Text], *, role: str = "document",
+                            **options) -> list[np.ndarray]:
+        """A multi-vector (ColBERT) model's vectors: per text a [num_tokens, D] array, encoded
+        as `role` "query" (its marker, expanded to the query length) or "document" (its marker,
+        no skip-list tokens). Options: model, normalize, truncate, truncation_side, dtype."""
+        request = build.encode_request(texts, task="token_embed", input_role=role, **options)
+        return self._unary(self.encode_stub.Encode, request, results.encodings)
 
     def classify_tokens(self, texts: Text | Sequence[Text],
                         **options) -> list[results.TokenLabels]:

@@ -88,6 +88,24 @@ def sparse_embeddings(response) -> list[SparseVector]:
                          response.sparse_dimensions) for v in response.sparse_embeddings]
 
 
+@dataclass(frozen=True)
+class MultiEmbedding:
+    """A model's several embeddings of each input (BGE-M3), None where not asked for: `dense`
+    [N, D], `sparse` (per input a SparseVector), `multi_vector` (per input [num_tokens, D])."""
+
+    dense: np.ndarray | None
+    sparse: list[SparseVector] | None
+    multi_vector: list[np.ndarray] | None
+
+
+def multi_embedding(response) -> MultiEmbedding:
+    return MultiEmbedding(
+        decode_tensor(response.embeddings) if response.HasField("embeddings") else None,
+        sparse_embeddings(response) if response.sparse_embeddings else None,
+        [decode_tensor(t) for t in response.multi_vector_embeddings]
+        if response.multi_vector_embeddings else None)
+
+
 def dense_or_sparse(response) -> np.ndarray | list[SparseVector]:
     return sparse_embeddings(response) if response.sparse_embeddings else embeddings(response)
 

@@ -58,6 +58,10 @@ class TransformersModel(Backend):
         ids[flat] = batch.input_ids
         mask = torch.zeros(num_seqs * width, dtype=torch.long, device=ids.device)
         mask[flat] = 1
+        if batch.key_lens is not None:  # tokens no one attends to (ColBERT's query expansion)
+            keys = torch.tensor(batch.key_lens, device=ids.device)
+            unread = torch.arange(width, device=ids.device)[None, :] >= keys[:, None]
+            mask.view(num_seqs, width)[unread] = 0
         inputs = {"input_ids": ids.view(num_seqs, width),
                   "attention_mask": mask.view(num_seqs, width)}
         if self._takes_token_types:

@@ -37,6 +37,19 @@ class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODALITY_TEXT: _ClassVar[Modality]
     MODALITY_IMAGE: _ClassVar[Modality]
 
+class InputRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INPUT_ROLE_UNSPECIFIED: _ClassVar[InputRole]
+    INPUT_ROLE_QUERY: _ClassVar[InputRole]
+    INPUT_ROLE_DOCUMENT: _ClassVar[InputRole]
+
+class EmbeddingType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EMBEDDING_TYPE_UNSPECIFIED: _ClassVar[EmbeddingType]
+    EMBEDDING_TYPE_DENSE: _ClassVar[EmbeddingType]
+    EMBEDDING_TYPE_SPARSE: _ClassVar[EmbeddingType]
+    EMBEDDING_TYPE_MULTI_VECTOR: _ClassVar[EmbeddingType]
+
 class TruncationSide(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRUNCATION_SIDE_UNSPECIFIED: _ClassVar[TruncationSide]
@@ -62,6 +75,13 @@ POOLING_TYPE_SPLADE: PoolingType
 MODALITY_UNSPECIFIED: Modality
 MODALITY_TEXT: Modality
 MODALITY_IMAGE: Modality
+INPUT_ROLE_UNSPECIFIED: InputRole
+INPUT_ROLE_QUERY: InputRole
+INPUT_ROLE_DOCUMENT: InputRole
+EMBEDDING_TYPE_UNSPECIFIED: EmbeddingType
+EMBEDDING_TYPE_DENSE: EmbeddingType
+EMBEDDING_TYPE_SPARSE: EmbeddingType
+EMBEDDING_TYPE_MULTI_VECTOR: EmbeddingType
 TRUNCATION_SIDE_UNSPECIFIED: TruncationSide
 TRUNCATION_SIDE_RIGHT: TruncationSide
 TRUNCATION_SIDE_LEFT: TruncationSide

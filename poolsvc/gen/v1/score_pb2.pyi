@@ -10,18 +10,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "queries", "documents", "activation", "truncation")
+    __slots__ = ("model", "queries", "documents", "activation", "truncation", "hybrid_weights")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    HYBRID_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     queries: _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]
     documents: _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]
     activation: bool
     truncation: _common_pb2.TruncationOptions
-    def __init__(self, model: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., documents: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ...) -> None: ...
+    hybrid_weights: HybridWeights
+    def __init__(self, model: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., documents: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., hybrid_weights: _Optional[_Union[HybridWeights, _Mapping]] = ...) -> None: ...
+
+class HybridWeights(_message.Message):
+    __slots__ = ("dense", "sparse", "multi_vector")
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    MULTI_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    dense: float
+    sparse: float
+    multi_vector: float
+    def __init__(self, dense: _Optional[float] = ..., sparse: _Optional[float] = ..., multi_vector: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("model", "scores", "usage", "timing")
@@ -54,7 +66,7 @@ class ScoreStreamResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., response: _Optional[_Union[ScoreResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.StreamError, _Mapping]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("model", "query", "documents", "top_n", "return_documents", "activation", "truncation")
+    __slots__ = ("model", "query", "documents", "top_n", "return_documents", "activation", "truncation", "hybrid_weights")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +74,7 @@ class RerankRequest(_message.Message):
     RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    HYBRID_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     query: _common_pb2.Input
     documents: _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]
@@ -69,7 +82,8 @@ class RerankRequest(_message.Message):
     return_documents: bool
     activation: bool
     truncation: _common_pb2.TruncationOptions
-    def __init__(self, model: _Optional[str] = ..., query: _Optional[_Union[_common_pb2.Input, _Mapping]] = ..., documents: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ...) -> None: ...
+    hybrid_weights: HybridWeights
+    def __init__(self, model: _Optional[str] = ..., query: _Optional[_Union[_common_pb2.Input, _Mapping]] = ..., documents: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., hybrid_weights: _Optional[_Union[HybridWeights, _Mapping]] = ...) -> None: ...
 
 class RerankResult(_message.Message):
     __slots__ = ("index", "score", "document")

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("model", "inputs", "normalize", "dimensions", "truncation", "output_dtype", "prompt_name", "prompt", "sparse_top_k", "return_tokens")
+    __slots__ = ("model", "inputs", "normalize", "dimensions", "truncation", "output_dtype", "prompt_name", "prompt", "sparse_top_k", "return_tokens", "embedding_types")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class EmbedRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SPARSE_TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_TYPES_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]
     normalize: bool
@@ -31,7 +32,8 @@ class EmbedRequest(_message.Message):
     prompt: str
     sparse_top_k: int
     return_tokens: bool
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., sparse_top_k: _Optional[int] = ..., return_tokens: _Optional[bool] = ...) -> None: ...
+    embedding_types: _containers.RepeatedScalarFieldContainer[_common_pb2.EmbeddingType]
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., sparse_top_k: _Optional[int] = ..., return_tokens: _Optional[bool] = ..., embedding_types: _Optional[_Iterable[_Union[_common_pb2.EmbeddingType, str]]] = ...) -> None: ...
 
 class SparseEmbedding(_message.Message):
     __slots__ = ("token_ids", "weights", "tokens")
@@ -44,20 +46,22 @@ class SparseEmbedding(_message.Message):
     def __init__(self, token_ids: _Optional[bytes] = ..., weights: _Optional[bytes] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("model", "embeddings", "usage", "timing", "sparse_embeddings", "sparse_dimensions")
+    __slots__ = ("model", "embeddings", "usage", "timing", "sparse_embeddings", "sparse_dimensions", "multi_vector_embeddings")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     SPARSE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    MULTI_VECTOR_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     model: str
     embeddings: _tensor_pb2.Tensor
     usage: _common_pb2.Usage
     timing: _common_pb2.Timing
     sparse_embeddings: _containers.RepeatedCompositeFieldContainer[SparseEmbedding]
     sparse_dimensions: int
-    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., sparse_embeddings: _Optional[_Iterable[_Union[SparseEmbedding, _Mapping]]] = ..., sparse_dimensions: _Optional[int] = ...) -> None: ...
+    multi_vector_embeddings: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., sparse_embeddings: _Optional[_Iterable[_Union[SparseEmbedding, _Mapping]]] = ..., sparse_dimensions: _Optional[int] = ..., multi_vector_embeddings: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class EmbedStreamRequest(_message.Message):
     __slots__ = ("id", "request")

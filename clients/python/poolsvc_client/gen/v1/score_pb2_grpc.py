@@ -27,8 +27,9 @@ if _version_not_supported:
 
 
 class ScoreServiceStub:
-    """Relevance of text pairs: cross-encoder scores, or the cosine of two embeddings for embedding
-    models.
+    """Relevance of text pairs: cross-encoder scores, the cosine of two embeddings for embedding
+    models, or MaxSim for multi-vector (late-interaction) models, computed on the server from the
+    query's and the document's token vectors (each encoded as its side).
     """
 
     def __init__(self, channel):
@@ -55,8 +56,9 @@ class ScoreServiceStub:
 
 
 class ScoreServiceServicer:
-    """Relevance of text pairs: cross-encoder scores, or the cosine of two embeddings for embedding
-    models.
+    """Relevance of text pairs: cross-encoder scores, the cosine of two embeddings for embedding
+    models, or MaxSim for multi-vector (late-interaction) models, computed on the server from the
+    query's and the document's token vectors (each encoded as its side).
     """
 
     def Score(self, request, context):
@@ -108,8 +110,9 @@ def add_ScoreServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ScoreService:
-    """Relevance of text pairs: cross-encoder scores, or the cosine of two embeddings for embedding
-    models.
+    """Relevance of text pairs: cross-encoder scores, the cosine of two embeddings for embedding
+    models, or MaxSim for multi-vector (late-interaction) models, computed on the server from the
+    query's and the document's token vectors (each encoded as its side).
     """
 
     @staticmethod
