@@ -19,7 +19,7 @@ from poolsvc.engine.errors import (
     DeadlineExceededError,
     InvalidInputError,
     ModelNotFoundError,
-    OverloadedError,
+    TooLargeError,
     UnavailableError,
     quoted,
 )
@@ -177,7 +177,7 @@ class Engine:
                         if request.sparse.return_tokens else None, offsets=inputs.offsets)
         limit = self.limits.max_response_bytes
         if limit is not None and (size := response_bytes(state, desc)) > limit:
-            raise OverloadedError(
+            raise TooLargeError(
                 f"the response would be {size / 2**20:.1f} MiB, more than the server's limit of "
                 f"{limit / 2**20:.1f} MiB (--max-message-bytes): send fewer inputs, or ask for "
                 "a smaller output (dimensions, output_dtype)")
