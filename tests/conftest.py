@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"poolsvc listening on [\d.]+:(\d+)")
+_HTTP = re.compile(r"HTTP/JSON routes on (https?://[\d.]+:(\d+))")
 
 
 class ServerProcess:
@@ -29,6 +30,8 @@ class ServerProcess:
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.port = int(self.wait_for(_LISTENING, 60).group(1))
         self.address = f"127.0.0.1:{self.port}"
+        http = _HTTP.search(self.log())  # logged before the gRPC line, with --http-port
+        self.http_url = http.group(1) if http else None
 
     def log(self) -> str:
         return self.log_path.read_text()

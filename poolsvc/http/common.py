@@ -71,8 +71,10 @@ def check_inputs(value, name: str = "input"):
 def check_texts(value, name: str):
     """A text or a non-empty list of non-empty texts (score sides, rerank documents)."""
     texts = [value] if isinstance(value, str) else value
-    if not isinstance(texts, list) or not texts:
-        raise ValueError("must be a text or a non-empty list of texts")
+    if texts == []:
+        raise ValueError("is empty: send at least one text")
+    if not isinstance(texts, list):
+        raise ValueError("must be a text or a list of texts")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"{name}[{i}] must be a text")
@@ -123,12 +125,29 @@ class Front:
         return out
 
     async def render(self, render: Callable[[Any], dict], value) -> Response:
+        """The body as JSON: on the event loop when small, else in the pool (a hop there
+        costs more than encoding a few thousand numbers)."""
+        if _size(value) <= _RENDER_ON_LOOP:
+            return Response(json_bytes(render(value)), media_type="application/json")
         loop = asyncio.get_running_loop()
         body = await loop.run_in_executor(self.pool, lambda: json_bytes(render(value)))
         return Response(body, media_type="application/json")
 
     async def in_pool(self, work: Callable[[], Any]):
         return await asyncio.get_running_loop().run_in_executor(self.pool, work)
+
+
+_RENDER_ON_LOOP = 8192  # numbers
+
+
+def _size(output) -> int:
+    """How many numbers an engine output holds (0 for anything else)."""
+    for name in ("embeddings", "probs", "scores"):
+        if (array := getattr(output, name, None)) is not None:
+            return int(array.size)
+    if (arrays := getattr(output, "outputs", None)) is not None:
+        return sum(int(a.size) for a in arrays)
+    return 0
 
 
 def json_bytes(body: dict) -> bytes:

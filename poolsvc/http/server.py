@@ -31,7 +31,7 @@ class HttpServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         port = 0 if config.http_port == -1 else config.http_port
         try:
-            self._socket = socket.create_server((host, port), family=family)
+            self._socket = _listen(host, port, family)
         except OSError as exc:
             raise ListenError(f"cannot serve HTTP on {config.host}:{port}: {exc.strerror}; "
                               "choose another port with --http-port (0: off)") from None
@@ -65,6 +65,21 @@ class HttpServer:
             return
         self._server.should_exit = True
         await self._task
+
+
+def _listen(host: str, port: int, family: int) -> socket.socket:
+    """A listening TCP socket. Its protocol is named (IPPROTO_TCP, not 0): asyncio turns Nagle's
+    algorithm off only on connections whose socket says TCP, and with it on, a response whose
+    headers and body are written apart waits ~40 ms for the client's delayed ACK."""
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class ListenError(RuntimeError):
