@@ -98,9 +98,11 @@ def example_models(tmp_path_factory, minilm_path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def examples_server(example_models, tmp_path_factory):
     """One server for the client and README examples: the embedder (the default model), a
-    reranker, a classifier, a reward model, CLIP, a SPLADE model and a token classifier."""
+    reranker, a classifier, a reward model, CLIP, a SPLADE model and a token classifier; gRPC
+    and the HTTP/JSON routes."""
     models = [arg for name, path in example_models.items() for arg in ("--model", f"{name}={path}")]
-    srv = ServerProcess(tmp_path_factory.mktemp("examples") / "server.log", *models).wait_ready()
+    srv = ServerProcess(tmp_path_factory.mktemp("examples") / "server.log", *models,
+                        "--http-port", "-1").wait_ready()
     yield srv
     assert srv.terminate() == 0, srv.log()
 
