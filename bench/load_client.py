@@ -1,6 +1,6 @@
-"""The load generator of bench/bench.py and bench/http.py: a separate process driving a poolsvc
-server over gRPC, or over its HTTP port's /v1/embeddings (`--mode http`; the address is then the
-HTTP port's; vectors as base64, which the OpenAI SDKs ask for).
+"""The load generator of bench/bench.py and bench/http_vs_grpc.py: a separate process driving a
+poolsvc server over gRPC, or over its HTTP port's /v1/embeddings (`--mode http`; the address is
+then the HTTP port's; vectors as base64, which the OpenAI SDKs ask for).
 
     python bench/load_client.py --address 127.0.0.1:50051 --texts texts.json --mode unary \
         --batch 1 --concurrency 64

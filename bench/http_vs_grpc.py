@@ -2,8 +2,8 @@
 1-text and 32-text embedding requests, each front driven by the same separate client process
 (bench/load_client.py: gRPC Embed, or POST /v1/embeddings with base64 vectors).
 
-    python bench/http.py                       # queries, 16 callers in flight
-    python bench/http.py --texts 2000 --concurrency 16 --repeat 3
+    python bench/http_vs_grpc.py                       # queries, 16 callers in flight
+    python bench/http_vs_grpc.py --texts 2000 --concurrency 16 --repeat 3
 
 Prints a table with gRPC as the baseline (the ratio is HTTP's throughput over gRPC's).
 """
