@@ -374,3 +374,38 @@ def test_mixed_grpc_and_http_load(http, grpc_client):
 
     with ThreadPoolExecutor(8) as pool:
         assert sorted(pool.map(call, range(len(picks)))) == list(range(len(picks)))
+
+
+# --- TLS, shutdown, flags ---------------------------------------------------------------------
+
+
+def test_tls_applies_to_the_http_port_and_sigterm_closes_it(tmp_path, grpc_client):
+    from certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    server = ServerProcess(tmp_path / "tls.log", "--http-port", "-1", "--tls-cert",
+                           str(certs["server"]), "--tls-key", str(certs["server_key"]))
+    try:
+        server.wait_ready()
+        assert server.http_url.startswith("https://")
+        with httpx.Client(base_url=server.http_url, verify=str(certs["ca"])) as client:
+            assert client.get("/health").status_code == 200
+            got = client.post("/v1/embeddings", json={"input": TEXTS[:2], "model": MODEL})
+            close([d["embedding"] for d in got.json()["data"]],
+                  grpc_client.embed(TEXTS[:2], model=MODEL))
+        with pytest.raises(httpx.HTTPError):  # plaintext to the TLS port
+            httpx.get(server.http_url.replace("https://", "http://") + "/health", timeout=10)
+    finally:
+        assert server.terminate() == 0, server.log()
+    with pytest.raises(httpx.ConnectError):  # closed with the gRPC port
+        httpx.get(f"{server.http_url}/health", verify=str(certs["ca"]), timeout=10)
+
+
+def test_http_port_flag_is_checked():
+    from poolsvc.config import ConfigError, ServerConfig
+
+    with pytest.raises(ConfigError, match="--http-port must be 0"):
+        ServerConfig(http_port=-2)
+    with pytest.raises(ConfigError, match="taken by --port"):
+        ServerConfig(port=8000, http_port=8000)
+    assert ServerConfig(http_port=-1).http_port == -1
