@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -383,12 +384,13 @@ def test_tls_applies_to_the_http_port_and_sigterm_closes_it(tmp_path, grpc_clien
     from certs import make_certs
 
     certs = make_certs(tmp_path / "certs")
+    trust = ssl.create_default_context(cafile=str(certs["ca"]))
     server = ServerProcess(tmp_path / "tls.log", "--http-port", "-1", "--tls-cert",
                            str(certs["server"]), "--tls-key", str(certs["server_key"]))
     try:
         server.wait_ready()
         assert server.http_url.startswith("https://")
-        with httpx.Client(base_url=server.http_url, verify=str(certs["ca"])) as client:
+        with httpx.Client(base_url=server.http_url, verify=trust) as client:
             assert client.get("/health").status_code == 200
             got = client.post("/v1/embeddings", json={"input": TEXTS[:2], "model": MODEL})
             close([d["embedding"] for d in got.json()["data"]],
@@ -398,7 +400,7 @@ def test_tls_applies_to_the_http_port_and_sigterm_closes_it(tmp_path, grpc_clien
     finally:
         assert server.terminate() == 0, server.log()
     with pytest.raises(httpx.ConnectError):  # closed with the gRPC port
-        httpx.get(f"{server.http_url}/health", verify=str(certs["ca"]), timeout=10)
+        httpx.get(f"{server.http_url}/health", verify=trust, timeout=10)
 
 
 def test_http_port_flag_is_checked():
