@@ -1,4 +1,6 @@
-"""The load generator of bench/bench.py: a separate process driving a poolsvc server over gRPC.
+"""The load generator of bench/bench.py and bench/http_vs_grpc.py: a separate process driving a
+poolsvc server over gRPC, or over its HTTP port's /v1/embeddings (`--mode http`; the address is
+then the HTTP port's; vectors as base64, which the OpenAI SDKs ask for).
 
     python bench/load_client.py --address 127.0.0.1:50051 --texts texts.json --mode unary \
         --batch 1 --concurrency 64
@@ -46,6 +48,37 @@ async def unary(stub, work: list, concurrency: int) -> tuple[list[float], int]:
     return latencies, tokens
 
 
+async def http(address: str, texts: list[str], batch: int,
+               concurrency: int) -> tuple[list[float], int]:
+    """POST /v1/embeddings with `concurrency` callers on keep-alive connections."""
+    import base64
+
+    import httpx
+    import numpy as np
+
+    latencies: list[float] = []
+    tokens = 0
+    queue = iter([texts[i:i + batch] for i in range(0, len(texts), batch)])
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=f"http://{address}", limits=limits,
+                                 timeout=600) as client:
+        async def caller():
+            nonlocal tokens
+            for chunk in queue:
+                start = time.perf_counter()
+                reply = await client.post("/v1/embeddings", json={
+                    "input": chunk, "encoding_format": "base64", "truncate_prompt_tokens": -1})
+                reply.raise_for_status()
+                body = reply.json()
+                for item in body["data"]:
+                    np.frombuffer(base64.b64decode(item["embedding"]), "<f4")
+                latencies.append(time.perf_counter() - start)
+                tokens += body["usage"]["total_tokens"]
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latencies, tokens
+
+
 async def stream(stub, work: list, window: int) -> tuple[list[float], int]:
     """One bidirectional stream, at most `window` requests in flight."""
     sent: dict[str, float] = {}
@@ -73,13 +106,19 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", required=True)
     parser.add_argument("--texts", required=True, help="a JSON list of strings")
-    parser.add_argument("--mode", choices=("unary", "stream"), default="unary")
+    parser.add_argument("--mode", choices=("unary", "stream", "http"), default="unary")
     parser.add_argument("--batch", type=int, default=1, help="texts per request")
     parser.add_argument("--concurrency", type=int, default=64,
                         help="callers in flight (unary) or the stream's window")
     parser.add_argument("--repeat", type=int, default=1, help="send the texts this many times")
     args = parser.parse_args()
     texts = json.loads(Path(args.texts).read_text()) * args.repeat
+    if args.mode == "http":
+        start = time.perf_counter()
+        latencies, tokens = await http(args.address, texts, args.batch, args.concurrency)
+        print(json.dumps({"wall": time.perf_counter() - start, "texts": len(texts),
+                          "tokens": tokens, "latencies": latencies}))
+        return
     work = requests(texts, args.batch)
     options = [("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(args.address, options=options) as channel:

@@ -52,6 +52,7 @@ EPILOG = f"""\
 examples:
   poolsvc serve                  the bundled default model on {ServerConfig().address}
   poolsvc serve --model BAAI/bge-m3 --model rerank=BAAI/bge-reranker-v2-m3
+  poolsvc serve --http-port 8000 also the OpenAI, vLLM and Cohere JSON routes (docs/http.md)
   poolsvc serve --help           every serving flag, with its default
   poolsvc run-batch -i corpus.jsonl -o vectors.npy
                                  embed a corpus in this process (resumable)

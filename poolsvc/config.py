@@ -65,13 +65,19 @@ class ServerConfig(EngineConfig):
                            default="text", meta={"choices": ("text", "json")})
     metrics_port: int = _opt("serve Prometheus metrics (/metrics) and HTTP probes (/healthz, "
                              "/readyz) on this port of the same host; 0: off", default=0)
-    tls_cert: str = _opt("PEM certificate chain: serve TLS instead of plaintext", default="")
+    http_port: int = _opt("serve the HTTP/JSON routes (OpenAI /v1/embeddings, vLLM /pooling, "
+                          "/score, /rerank, ..., Cohere /v2/embed, /v2/rerank) on this port of "
+                          "the same host, from the same engine; 0: off; -1: any free port",
+                          default=0)
+    tls_cert: str = _opt("PEM certificate chain: serve TLS (on the gRPC and HTTP ports) instead "
+                         "of plaintext", default="")
     tls_key: str = _opt("PEM private key of --tls-cert", default="")
     tls_client_ca: str = _opt("PEM CA bundle: require client certificates signed by it (mutual "
                               "TLS)", default="")
-    api_key: str = _opt("require 'authorization: Bearer KEY' on every model RPC (health and "
-                        "reflection stay open for probes); visible in the process list: in "
-                        "production use --api-key-file or $POOLSVC_API_KEY", default="")
+    api_key: str = _opt("require 'authorization: Bearer KEY' on every model RPC and HTTP route "
+                        "(health, reflection, /health and /metrics stay open for probes); "
+                        "visible in the process list: in production use --api-key-file or "
+                        "$POOLSVC_API_KEY", default="")
     api_key_file: str = _opt("read the API key from this file instead (first line)", default="")
 
     def __post_init__(self):
@@ -91,6 +97,12 @@ class ServerConfig(EngineConfig):
             raise ConfigError("--grace-period must be >= 0 seconds")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be 0 (off) or a port, got {self.metrics_port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ConfigError(f"--http-port must be 0 (off), -1 (any free port) or a port, got "
+                              f"{self.http_port}")
+        if self.http_port > 0 and self.http_port in (self.port, self.metrics_port):
+            raise ConfigError(f"--http-port {self.http_port} is taken by --port or "
+                              "--metrics-port: choose another")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

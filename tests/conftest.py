@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"poolsvc listening on [\d.]+:(\d+)")
+_HTTP = re.compile(r"HTTP/JSON routes on (https?://[\d.]+:(\d+))")
 
 
 class ServerProcess:
@@ -29,6 +30,8 @@ class ServerProcess:
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.port = int(self.wait_for(_LISTENING, 60).group(1))
         self.address = f"127.0.0.1:{self.port}"
+        http = _HTTP.search(self.log())  # logged before the gRPC line, with --http-port
+        self.http_url = http.group(1) if http else None
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -100,9 +103,10 @@ def example_models(tmp_path_factory, minilm_path) -> dict[str, Path]:
 def examples_server(example_models, tmp_path_factory):
     """One server for the client and README examples: the embedder (the default model), a
     reranker, a classifier, a reward model, CLIP, a SPLADE model, a token classifier, a ColBERT
-    model and a BGE-M3."""
+    model and a BGE-M3; gRPC and the HTTP/JSON routes."""
     models = [arg for name, path in example_models.items() for arg in ("--model", f"{name}={path}")]
-    srv = ServerProcess(tmp_path_factory.mktemp("examples") / "server.log", *models).wait_ready()
+    srv = ServerProcess(tmp_path_factory.mktemp("examples") / "server.log", *models,
+                        "--http-port", "-1").wait_ready()
     yield srv
     assert srv.terminate() == 0, srv.log()
 

@@ -20,7 +20,12 @@ from poolsvc.gen.v1 import (
     score_pb2_grpc,
     tensor_pb2,
 )
-from poolsvc.service.status import STATUS_OF_ERROR, status_of
+from poolsvc.service.status import (
+    ERROR_TABLE,
+    HTTP_STATUS_OF_ERROR,
+    STATUS_OF_ERROR,
+    status_of,
+)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -178,14 +183,17 @@ def test_task_errors_on_an_embedding_model(channel):
 
 
 def test_the_status_table():
-    assert STATUS_OF_ERROR == {
-        errors.InvalidInputError: INVALID,
-        errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
-        errors.OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-        errors.UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
-        errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
-        errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    assert ERROR_TABLE == {
+        errors.InvalidInputError: (INVALID, 400),
+        errors.ModelNotFoundError: (grpc.StatusCode.NOT_FOUND, 404),
+        errors.TooLargeError: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+        errors.OverloadedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+        errors.UnsupportedError: (grpc.StatusCode.UNIMPLEMENTED, 501),
+        errors.UnavailableError: (grpc.StatusCode.UNAVAILABLE, 503),
+        errors.DeadlineExceededError: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     }
+    assert STATUS_OF_ERROR[errors.TooLargeError] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert HTTP_STATUS_OF_ERROR[errors.OverloadedError] == 429
 
     class TooLong(errors.InvalidInputError):
         pass

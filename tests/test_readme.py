@@ -1,9 +1,10 @@
 """Every code block of the README, run as printed against a live server.
 
 Python blocks run in this venv, shell blocks with bash (grpcurl from this venv's bin), both from
-the repository root with two substitutions: the server's address for 127.0.0.1:50051, and a
-generated JPEG for cat.jpg. The server is conftest's examples_server: the bundled embedder as the
-default model, and tiny stand-ins under the names the examples use (rerank, clf, rm, clip).
+the repository root with three substitutions: the server's address for 127.0.0.1:50051, its
+HTTP port's URL for http://127.0.0.1:8000, and a generated JPEG for cat.jpg. The server is
+conftest's examples_server: the bundled embedder as the default model, and tiny stand-ins under
+the names the examples use (rerank, clf, rm, clip).
 JSON blocks (sample answers) must parse. Not run: the two set-up commands (tests/test_repo.py and
 .ci/run hold those), blocks without a language (the flag synopsis), and blocks marked
 `<!-- not run: REASON -->`.
@@ -85,6 +86,7 @@ def test_json_samples_parse():
 @pytest.mark.parametrize("block", runnable(), ids=str)
 def test_block_runs_as_printed(block, examples_server, cat_jpg):
     code = block.code.replace("127.0.0.1:50051", examples_server.address)
+    code = code.replace("http://127.0.0.1:8000", examples_server.http_url)
     code = code.replace("cat.jpg", str(cat_jpg))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     if block.lang == "python":

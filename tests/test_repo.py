@@ -115,7 +115,7 @@ def test_runtime_imports_are_declared_dependencies():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower().replace("_", "-")
                 for d in [*project["dependencies"],
-                          *(d for extra in ("gpu", "tracing", "parquet", "ray")
+                          *(d for extra in ("gpu", "tracing", "parquet", "ray", "http")
                             for d in project["optional-dependencies"][extra])]}
     modules = set()
     for path in [*(ROOT / "poolsvc").rglob("*.py"), *(ROOT / "kernels").glob("*.py")]:

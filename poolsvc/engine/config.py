@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from poolsvc.engine.errors import OverloadedError
+from poolsvc.engine.errors import TooLargeError
 from poolsvc.engine.params import PoolingType
 
 BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
@@ -195,17 +195,17 @@ class Limits:
         """The input-count limit (score: the pairs), checked before inputs are even decoded."""
         limit = self.max_inputs_per_request
         if limit is not None and count > limit:
-            raise OverloadedError(f"the request has {count} inputs, more than the server's "
+            raise TooLargeError(f"the request has {count} inputs, more than the server's "
                                   f"limit of {limit} (--max-inputs-per-request): split it")
 
     def check_token_ids(self, counts: list[int]) -> None:
         """Token-id inputs count against the character limits, one per id."""
         per_input, total = self.max_chars_per_input, self.max_chars_per_request
         if per_input is not None and counts and max(counts) > per_input:
-            raise OverloadedError(f"a token-id input has {max(counts)} ids, more than the "
+            raise TooLargeError(f"a token-id input has {max(counts)} ids, more than the "
                                   f"server's limit of {per_input} (--max-chars-per-input)")
         if total is not None and sum(counts) > total:
-            raise OverloadedError(f"the request has {sum(counts)} token ids in all, more than "
+            raise TooLargeError(f"the request has {sum(counts)} token ids in all, more than "
                                   f"the server's limit of {total} (--max-chars-per-request)")
 
     def check_texts(self, texts, prefix: str = "") -> None:
@@ -221,11 +221,11 @@ class Limits:
             chars = len(prefix) + len(text)
             if per_input is not None and chars > per_input:
                 what = f"input {i} with its prompt" if prefix else f"input {i}"
-                raise OverloadedError(f"{what} has {chars} characters, more than the server's "
+                raise TooLargeError(f"{what} has {chars} characters, more than the server's "
                                       f"limit of {per_input} (--max-chars-per-input)")
             count += chars
         if total is not None and count > total:
-            raise OverloadedError(f"the request has {count} characters in all (prompts "
+            raise TooLargeError(f"the request has {count} characters in all (prompts "
                                   f"included), more than the server's limit of {total} "
                                   "(--max-chars-per-request): split it")
 

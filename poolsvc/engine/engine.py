@@ -19,7 +19,7 @@ from poolsvc.engine.errors import (
     DeadlineExceededError,
     InvalidInputError,
     ModelNotFoundError,
-    OverloadedError,
+    TooLargeError,
     UnavailableError,
     quoted,
 )
@@ -183,7 +183,7 @@ class Engine:
                         m3=model.m3 if options.outputs is not None else None)
         limit = self.limits.max_response_bytes
         if limit is not None and (size := response_bytes(state, desc)) > limit:
-            raise OverloadedError(
+            raise TooLargeError(
                 f"the response would be {size / 2**20:.1f} MiB, more than the server's limit of "
                 f"{limit / 2**20:.1f} MiB (--max-message-bytes): send fewer inputs, or ask for "
                 "a smaller output (dimensions, output_dtype)")

@@ -50,6 +50,11 @@ class OverloadedError(EngineError):
     """A capacity limit is reached; retrying later may succeed."""
 
 
+class TooLargeError(OverloadedError):
+    """A request (or the response it asks for) is over a size limit; retrying will not help:
+    the caller must split it or ask for less."""
+
+
 class DeadlineExceededError(EngineError):
     """The caller's deadline passed before the work could run; it was dropped, not computed."""
 

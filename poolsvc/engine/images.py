@@ -6,7 +6,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from poolsvc.engine.errors import InvalidInputError, OverloadedError, quoted
+from poolsvc.engine.errors import InvalidInputError, OverloadedError, TooLargeError, quoted
 
 # The MIME types that name the formats served.
 _MIME = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
@@ -43,7 +43,7 @@ def decode(image: ImageInput, index: int, max_bytes: int | None, max_pixels: int
     if not data:
         raise InvalidInputError(f"input {index} is an empty image")
     if max_bytes is not None and len(data) > max_bytes:
-        raise OverloadedError(f"input {index} is a {len(data)}-byte image, more than the server's "
+        raise TooLargeError(f"input {index} is a {len(data)}-byte image, more than the server's "
                               f"limit of {max_bytes} bytes (--max-image-bytes)")
     kind = sniff(data)
     if kind is None:
@@ -64,7 +64,7 @@ def decode(image: ImageInput, index: int, max_bytes: int | None, max_pixels: int
     except (InvalidInputError, OverloadedError):
         raise
     except Image.DecompressionBombError as exc:  # PIL's own guard, far above ours, fired first
-        raise OverloadedError(f"input {index} claims far too many pixels (a decompression "
+        raise TooLargeError(f"input {index} claims far too many pixels (a decompression "
                               f"bomb; --max-image-pixels): {exc}") from None
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for bad files
         raise InvalidInputError(f"input {index}: the {kind} image is corrupt or truncated "
@@ -74,7 +74,7 @@ def decode(image: ImageInput, index: int, max_bytes: int | None, max_pixels: int
 def _check_pixels(size: tuple[int, int], index: int, max_pixels: int | None) -> None:
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
-        raise OverloadedError(f"input {index} is a {width}x{height} image, more than the server's "
+        raise TooLargeError(f"input {index} is a {width}x{height} image, more than the server's "
                               f"limit of {max_pixels} pixels (--max-image-pixels)")
     if width < 1 or height < 1:
         raise InvalidInputError(f"input {index} is an image with no pixels")

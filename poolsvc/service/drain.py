@@ -8,6 +8,7 @@ Health and reflection are not model calls: they pass untouched, so probes keep g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 
 import grpc
@@ -87,6 +88,26 @@ class Drain(grpc.aio.ServerInterceptor):
             async for _ in requests:
                 pass
         await context.abort(grpc.StatusCode.UNAVAILABLE, self._refusal)
+
+    @property
+    def refusal(self) -> str:
+        """What a model call arriving now is told (while draining)."""
+        return self._refusal
+
+    @property
+    def cut_off_reason(self) -> str | None:
+        """Once calls are being cut off, what each is told; None before."""
+        return self._cut_off
+
+    @contextlib.contextmanager
+    def tracked(self):
+        """A model call of another front (the HTTP routes) in flight in the current task: the
+        drain waits for it, and cancels the task to cut it off."""
+        task = self._enter()
+        try:
+            yield task
+        finally:
+            self._leave(task)
 
     def _enter(self) -> asyncio.Task:
         task = asyncio.current_task()

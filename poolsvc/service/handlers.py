@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
-from poolsvc.engine.errors import InvalidInputError, OverloadedError
+from poolsvc.engine.errors import InvalidInputError, TooLargeError
 
 
 def generic_handler(servicer, service) -> grpc.GenericRpcHandler:
@@ -37,7 +37,7 @@ def check_size(raw: bytes, max_bytes: int | None) -> None:
     """gRPC takes messages a little over the server's limit, so that a stream item over it gets
     its own error answer: the limit itself is checked here."""
     if max_bytes is not None and len(raw) > max_bytes:
-        raise OverloadedError(f"the request is {len(raw)} bytes, more than the server's limit "
+        raise TooLargeError(f"the request is {len(raw)} bytes, more than the server's limit "
                               f"of {max_bytes} (--max-message-bytes): split it")
 
 

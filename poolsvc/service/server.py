@@ -99,6 +99,10 @@ class PoolServer:
         except RuntimeError:  # gRPC's own message only says "set GRPC_VERBOSITY=debug"
             raise ListenError(f"cannot listen on {config.address}: the port is taken or the "
                               "address is not this machine's; check --host and --port") from None
+        self.http = None
+        if config.http_port:
+            self.http = _http_server(config, self.engine, self.pool, self.metrics, self.drain,
+                                     key, ready=lambda: self.serving)
         self.probes = None
         if config.metrics_port:
             try:
@@ -114,6 +118,9 @@ class PoolServer:
         for name in ("", *SERVICE_TASKS):
             await self.health.set(name, NOT_SERVING)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
+            log.info("HTTP/JSON routes on %s (OpenAPI: /openapi.json)", self.http.url)
         if self.probes is not None:
             self.probes.start()
             log.info("metrics and probes on http://%s:%d/metrics, /healthz, /readyz",
@@ -142,6 +149,8 @@ class PoolServer:
             log.warning("cut off %d calls still running after the %gs grace period", cut, grace)
             await asyncio.sleep(_LINGER)
         await self.server.stop(0.5)  # closes the port; ends health watches and reflection
+        if self.http is not None:
+            await self.http.stop()
         # Every model call has now been answered: what is queued or running is nobody's.
         joined = await _in_daemon_thread(lambda: self.engine.shutdown(True), _ENGINE_JOIN,
                                          name="poolsvc-shutdown")
@@ -156,6 +165,22 @@ class PoolServer:
 
 class ListenError(RuntimeError):
     """The gRPC address cannot be listened on; the message names the flag to change."""
+
+
+def _http_server(config: ServerConfig, engine, pool, metrics, drain, key: str, ready):
+    """The HTTP port's server (imported only when it is on: FastAPI and uvicorn are the
+    `http` extra)."""
+    try:
+        from poolsvc.http.app import Guard, build_app
+        from poolsvc.http.common import Front
+        from poolsvc.http.server import HttpServer
+    except ImportError as exc:
+        raise ListenError(f"--http-port needs FastAPI and uvicorn ({exc}): pip install "
+                          "'poolsvc[http]'") from None
+    app = build_app(Front(engine, pool), metrics, ready)
+    guarded = Guard(app, api_key=key, max_body_bytes=config.max_message_bytes, drain=drain,
+                    metrics=metrics)
+    return HttpServer(config, guarded)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -5,7 +5,6 @@ tokenized; the loop only awaits the engine's answer and encodes the response."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import time
@@ -21,14 +20,13 @@ from poolsvc.engine.description import ModelDescription
 from poolsvc.engine.params import PoolingType
 from poolsvc.engine.request import now_ns
 from poolsvc.gen.v1 import classify_pb2, common_pb2, embed_pb2, encode_pb2, model_pb2, score_pb2
-from poolsvc.service import convert
+from poolsvc.service import admitted, convert
 from poolsvc.service.handlers import check_size, decode
 from poolsvc.service.observability import Metrics, rpc_span
 from poolsvc.service.status import status_of
 from poolsvc.service.streams import serve_stream
 
 if TYPE_CHECKING:  # the engine pulls in torch; the service layer needs only its types
-    from poolsvc.engine.admission import Ticket
     from poolsvc.engine.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -90,44 +88,16 @@ class _Servicer:
         return await asyncio.get_running_loop().run_in_executor(self.pool, _detached, work, raw)
 
     async def _run(self, raw: bytes, message_type, to_request: Callable, context):
-        """Admits the call, then decodes, converts and submits it in the pool; returns the
-        decoded message and the engine's output. A caller that leaves (cancels, or its deadline
-        passes) cancels the engine's work, even while the request is still being tokenized."""
+        """Admits the call, then decodes, converts and submits it in the pool (admitted.run);
+        returns the decoded message and the engine's output."""
         when = _when(context)
         check_size(raw, self.max_message_bytes)
-        ticket = self.engine.admit(when["deadline_ns"])
-        submitted = self.pool.submit(self._submit, raw, message_type, to_request, when, ticket)
-        try:
-            message, future = await asyncio.wrap_future(submitted)
-        except asyncio.CancelledError:
-            submitted.add_done_callback(functools.partial(self._abandon, ticket))
-            raise
-        return message, await asyncio.wrap_future(future)
 
-    def _submit(self, raw: bytes, message_type, to_request: Callable, when: convert.When,
-                ticket: Ticket):
-        try:
-            return self._decode_and_submit(raw, message_type, to_request, when, ticket)
-        except BaseException as exc:
-            self.engine.release(ticket)
-            # An error can outlive its call (gRPC holds on to it a while): free the request
-            # its frames refer to now, not when the error goes.
-            traceback.clear_frames(exc.__traceback__)
-            del raw
-            raise
+        def prepare():
+            message = decode(raw, message_type, self.max_message_bytes)
+            return message, to_request(message, when)
 
-    def _decode_and_submit(self, raw: bytes, message_type, to_request: Callable,
-                           when: convert.When, ticket: Ticket):
-        message = decode(raw, message_type, self.max_message_bytes)
-        request = to_request(message, when)
-        return message, self.engine.submit(request, ticket)
-
-    def _abandon(self, ticket: Ticket, submitted: concurrent.futures.Future) -> None:
-        """The caller left while its request was in the pool: cancel what it produced."""
-        if submitted.cancelled():  # never started
-            self.engine.release(ticket)
-        elif submitted.exception() is None:
-            submitted.result()[1].cancel()
+        return await admitted.run(self.engine, self.pool, when["deadline_ns"], prepare)
 
     def _stream(self, method: str, requests: AsyncIterator[bytes], context, handle,
                 response_type) -> AsyncIterator:
@@ -301,7 +271,7 @@ class ModelServicer(_Servicer):
             request.model, list(request.texts), convert.truncation(request),
             convert.prompt(request),
             request.add_special_tokens if request.HasField("add_special_tokens") else True,
-            request.return_offsets)
+            request.return_offsets or request.return_tokens)  # the slow path fills tokens
         results = []
         for enc in encodings:
             item = model_pb2.TokenizedText(ids=enc.ids)
