@@ -195,3 +195,11 @@ def test_every_backend_declares_the_contract(llm):
     backend = llm.engine.served("").backend
     assert isinstance(backend, ModelBackend)
     assert backend.kind.value == "embedding" and backend.head_pooling is None
+
+
+@pytest.mark.parametrize("ids,bad", [([101, -1, 102], -1), ([101, 30522], 30522)])
+def test_token_ids_outside_the_vocabulary_are_refused_offline(llm, ids, bad):
+    """Pre-tokenized input reaches the embedding table only with ids in [0, vocab): a negative
+    id would index from the end (or raise IndexError deep in the model)."""
+    with pytest.raises(InvalidInputError, match=f"token id {bad}, outside the vocabulary"):
+        llm.embed([{"prompt_token_ids": ids}])

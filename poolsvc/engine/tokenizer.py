@@ -156,11 +156,11 @@ class TextTokenizer:
         """Validates pre-tokenized input; truncation cuts the ids as given."""
         if not ids:
             raise InvalidInputError(f"input {index} has no token ids")
-        bad = next((t for t in ids if t >= self.vocab_size), None)
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidInputError(
-                f"input {index} has token id {bad}, outside the vocabulary (ids must be below "
-                f"{self.vocab_size})")
+                f"input {index} has token id {bad}, outside the vocabulary (ids must be from 0 "
+                f"to {self.vocab_size - 1})")
         if len(ids) > limit:
             if not cut:
                 raise too_long(index, len(ids), limit)
