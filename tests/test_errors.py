@@ -69,7 +69,7 @@ CASES = {
                       ["'bge-large' is not served", "all-MiniLM-L6-v2"]),
     "token id outside vocabulary": (
         dict(inputs=[common_pb2.Input(tokens=common_pb2.TokenIds(ids=[101, 30522, 102]))]),
-        INVALID, ["input 0", "30522", "below 30522"]),
+        INVALID, ["input 0", "30522", "from 0 to 30521"]),
     "no token ids": (dict(inputs=[common_pb2.Input(tokens=common_pb2.TokenIds())]), INVALID,
                      ["input 0 has no token ids"]),
     "image to a text model": (

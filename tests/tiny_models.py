@@ -389,6 +389,7 @@ def encoder_family(directory: Path, minilm_path: Path, family: str, task: str = 
                 p.add_(torch.randn_like(p) * 0.1)
     _perturb(model, scale=0.0)
     model.save_pretrained(directory)
+    return directory
 
 
 def colbert(directory: Path, minilm_path: Path, layout: str = "multi-vector-encoder",
