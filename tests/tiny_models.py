@@ -181,7 +181,8 @@ DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_a
 
 def decoder(directory: Path, family: str, task: str = "Model", seed: int = 0, **config_kw) -> Path:
     """A tiny `transformers` decoder (family "Qwen2", "Qwen3", "Mistral", "Llama"; task "Model",
-    "ForCausalLM" or "ForSequenceClassification") with a byte-level BPE tokenizer."""
+    "ForCausalLM", "ForSequenceClassification" or "ForTokenClassification") with a byte-level
+    BPE tokenizer."""
     import transformers
 
     directory.mkdir(parents=True, exist_ok=True)

@@ -43,17 +43,21 @@ ARCHITECTURES = {
     "LlamaModel": (llama, "LlamaModel"),
     "LlamaForCausalLM": (llama, "LlamaModel"),
     "LlamaForSequenceClassification": (llama, "LlamaForSequenceClassification"),
+    "LlamaForTokenClassification": (llama, "LlamaForTokenClassification"),
     "MistralModel": (llama, "MistralModel"),
     "MistralForCausalLM": (llama, "MistralModel"),
     "MistralForSequenceClassification": (llama, "MistralForSequenceClassification"),
+    "MistralForTokenClassification": (llama, "MistralForTokenClassification"),
     "Qwen2Model": (qwen2, "Qwen2Model"),
     "Qwen2ForCausalLM": (qwen2, "Qwen2Model"),
     "Qwen2ForSequenceClassification": (qwen2, "Qwen2ForSequenceClassification"),
+    "Qwen2ForTokenClassification": (qwen2, "Qwen2ForTokenClassification"),
     "Qwen2ForRewardModel": (qwen2, "Qwen2ForRewardModel"),
     "Qwen2ForProcessRewardModel": (qwen2, "Qwen2ForProcessRewardModel"),
     "Qwen3Model": (qwen3, "Qwen3Model"),
     "Qwen3ForCausalLM": (qwen3, "Qwen3Model"),
     "Qwen3ForSequenceClassification": (qwen3, "Qwen3ForSequenceClassification"),
+    "Qwen3ForTokenClassification": (qwen3, "Qwen3ForTokenClassification"),
 }
 # Masked LMs served as SPLADE sparse encoders (with SpladePooling or pooling_type SPLADE); without
 # that they are bodies.

@@ -99,6 +99,7 @@ class DecoderConfig:
     qk_norm: bool = False           # Qwen3: RMSNorm over head_dim on q and k before rotary
     sliding_window: int | None = None
     num_labels: int | None = None   # task heads only; None: the head's default
+    token_classification_bias: bool = True  # *ForTokenClassification's score bias
 
     @classmethod
     def from_hf(cls, config: dict, **switches) -> DecoderConfig:
@@ -118,7 +119,9 @@ class DecoderConfig:
                   max_position_embeddings=config["max_position_embeddings"],
                   rms_norm_eps=config.get("rms_norm_eps", 1e-6),
                   hidden_act=config.get("hidden_act", "silu"), rope=RopeConfig.from_hf(config),
-                  num_labels=labels, **switches)
+                  num_labels=labels,
+                  token_classification_bias=bool(config.get("token_classification_bias", True)),
+                  **switches)
         activation(cfg.hidden_act)  # unknown names raise here, not at the first forward
         return cfg
 
@@ -321,9 +324,29 @@ class SequenceClassifier(TaskHead):
         self.score = nn.Linear(cfg.hidden_size, self.num_labels, bias=False)
 
 
+class TokenClassifier(TaskHead):
+    """transformers' GenericForTokenClassification: dropout (off at inference), then a Linear on
+    every token (NER-style taggers), with a bias unless `token_classification_bias` is off."""
+
+    head_pooling = PoolingType.ALL
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__(cfg)
+        self.score = nn.Linear(cfg.hidden_size, self.num_labels,
+                               bias=cfg.token_classification_bias)
+
+
 class LlamaForSequenceClassification(SequenceClassifier, LlamaModel):
     pass
 
 
+class LlamaForTokenClassification(TokenClassifier, LlamaModel):
+    pass
+
+
 class MistralForSequenceClassification(SequenceClassifier, MistralModel):
+    pass
+
+
+class MistralForTokenClassification(TokenClassifier, MistralModel):
     pass

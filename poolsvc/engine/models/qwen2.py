@@ -5,7 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from poolsvc.engine.description import Kind
-from poolsvc.engine.models.llama import DecoderConfig, LlamaModel, SequenceClassifier, TaskHead
+from poolsvc.engine.models.llama import (
+    DecoderConfig,
+    LlamaModel,
+    SequenceClassifier,
+    TaskHead,
+    TokenClassifier,
+)
 from poolsvc.engine.params import PoolingType
 
 
@@ -27,6 +33,10 @@ class Qwen2Model(LlamaModel):
 
 
 class Qwen2ForSequenceClassification(SequenceClassifier, Qwen2Model):
+    pass
+
+
+class Qwen2ForTokenClassification(TokenClassifier, Qwen2Model):
     pass
 
 

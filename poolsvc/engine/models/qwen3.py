@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from poolsvc.engine.models.llama import LlamaModel, SequenceClassifier
+from poolsvc.engine.models.llama import LlamaModel, SequenceClassifier, TokenClassifier
 from poolsvc.engine.models.qwen2 import qwen_sliding_window
 
 
@@ -16,4 +16,8 @@ class Qwen3Model(LlamaModel):
 
 
 class Qwen3ForSequenceClassification(SequenceClassifier, Qwen3Model):
+    pass
+
+
+class Qwen3ForTokenClassification(TokenClassifier, Qwen3Model):
     pass
