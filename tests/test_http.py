@@ -236,6 +236,21 @@ def test_curl_every_vllm_route(srv, grpc_client):
     close([d["embedding"] for d in embedded["data"]], grpc_client.embed(TEXTS, model=MODEL))
 
 
+def test_tokenize_cuts_to_a_length_below_the_special_tokens_without_them(http, models):
+    """Without special tokens, truncation to 1 or 2 tokens leaves room for text (the engine
+    used to refuse any length up to the count of special tokens the model would add)."""
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(str(models[MODEL]))(TEXTS[1], add_special_tokens=False)
+    for keep in (1, 2):
+        got = http.post("/tokenize", json={"prompt": TEXTS[1], "add_special_tokens": False,
+                                           "truncate_prompt_tokens": keep})
+        assert got.status_code == 200, got.text
+        assert got.json()["tokens"] == want["input_ids"][:keep]
+    refused = http.post("/tokenize", json={"prompt": TEXTS[1], "truncate_prompt_tokens": 2})
+    assert refused.status_code == 400 and "leaves no room for text" in refused.text
+
+
 def test_health_and_metrics_are_open_and_count_the_routes(srv, http):
     assert httpx.get(f"{srv.http_url}/health").status_code == 200  # no key needed
     http.post("/v1/embeddings", json={"input": "count me"}).raise_for_status()
