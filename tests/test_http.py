@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import socket
 import ssl
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -110,17 +114,18 @@ def test_cohere_sdk_embed_types_prompts_and_rerank(srv, grpc_client):
     client = cohere.ClientV2(api_key=KEY, base_url=srv.http_url)
     kinds = {"float": "float32", "int8": "int8", "uint8": "uint8", "binary": "binary",
              "ubinary": "ubinary"}
+    texts = TEXTS[:5]  # the long passage takes most of the time; the other tests have it
     for input_type, prompt in (("search_query", "query"), ("search_document", "passage")):
-        res = client.embed(model=MODEL, texts=TEXTS, input_type=input_type,
+        res = client.embed(model=MODEL, texts=texts, input_type=input_type,
                            embedding_types=list(kinds))
-        floats = grpc_client.embed(TEXTS, model=MODEL, prompt_name=prompt)
+        floats = grpc_client.embed(texts, model=MODEL, prompt_name=prompt)
         close(res.embeddings.float_, floats)
         clear = np.abs(floats) > 1e-4  # sign bits and quantization steps far from a boundary
         for kind, dtype in kinds.items():
             if kind == "float":
                 continue
             got = np.array(getattr(res.embeddings, kind))
-            want = grpc_client.embed(TEXTS, model=MODEL, prompt_name=prompt, dtype=dtype)
+            want = grpc_client.embed(texts, model=MODEL, prompt_name=prompt, dtype=dtype)
             assert got.shape == want.shape
             if kind in ("int8", "uint8"):
                 assert np.abs(got - want.astype(int)).max() <= 1
@@ -128,7 +133,7 @@ def test_cohere_sdk_embed_types_prompts_and_rerank(srv, grpc_client):
                 bits = np.unpackbits(got.astype(np.int64).astype(np.uint8), axis=1)
                 want_bits = np.unpackbits(want.view(np.uint8), axis=1)[:, :clear.shape[1]]
                 assert (bits[:, :clear.shape[1]] == want_bits)[clear].all()
-        assert res.texts == TEXTS
+        assert res.texts == texts
     # A model without a "classification" prompt embeds the texts as they are.
     plain = client.embed(model=MODEL, texts=TEXTS[:2], input_type="classification",
                          embedding_types=["float"])
@@ -137,6 +142,32 @@ def test_cohere_sdk_embed_types_prompts_and_rerank(srv, grpc_client):
     want = grpc_client.rerank(QUERY, DOCS, model="rerank", top_n=3)
     assert [r.index for r in ranked.results] == [w.index for w in want]
     close([r.relevance_score for r in ranked.results], [w.score for w in want])
+
+
+def test_cohere_rerank_max_tokens_per_doc_cuts_each_document(srv, grpc_client, models):
+    """Each document is cut to its first N tokens (the model's tokenizer, as transformers
+    counts them) before pairing, as Cohere does; a limit past the model's maximum cuts none."""
+    import cohere
+    from transformers import AutoTokenizer
+
+    docs = ["a small feline that purrs and sleeps in the sun all day long", "a dog",
+            "cats purr when they are happy, fed and warm", "the stock market fell on Monday"]
+    tokenizer = AutoTokenizer.from_pretrained(str(models["rerank"]))
+    cut = []
+    for doc in docs:
+        ends = [end for _, end in tokenizer(doc, add_special_tokens=False,
+                                            return_offsets_mapping=True)["offset_mapping"]]
+        cut.append(doc[:ends[3]] if len(ends) > 4 else doc)
+        assert len(tokenizer(cut[-1], add_special_tokens=False)["input_ids"]) == min(4, len(ends))
+    assert cut[1] == docs[1] and cut[0] != docs[0]
+    client = cohere.ClientV2(api_key=KEY, base_url=srv.http_url)
+    ranked = client.rerank(model="rerank", query=QUERY, documents=docs, max_tokens_per_doc=4)
+    want = grpc_client.score(QUERY, cut, model="rerank")
+    close([r.relevance_score for r in sorted(ranked.results, key=lambda r: r.index)], want)
+    assert not np.allclose(want, grpc_client.score(QUERY, docs, model="rerank"))
+    whole = client.rerank(model="rerank", query=QUERY, documents=docs, max_tokens_per_doc=4096)
+    close([r.relevance_score for r in sorted(whole.results, key=lambda r: r.index)],
+          grpc_client.score(QUERY, docs, model="rerank"))
 
 
 def test_langchain_openai_embeddings(srv, grpc_client):
@@ -205,6 +236,21 @@ def test_curl_every_vllm_route(srv, grpc_client):
     close([d["embedding"] for d in embedded["data"]], grpc_client.embed(TEXTS, model=MODEL))
 
 
+def test_tokenize_cuts_to_a_length_below_the_special_tokens_without_them(http, models):
+    """Without special tokens, truncation to 1 or 2 tokens leaves room for text (the engine
+    used to refuse any length up to the count of special tokens the model would add)."""
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(str(models[MODEL]))(TEXTS[1], add_special_tokens=False)
+    for keep in (1, 2):
+        got = http.post("/tokenize", json={"prompt": TEXTS[1], "add_special_tokens": False,
+                                           "truncate_prompt_tokens": keep})
+        assert got.status_code == 200, got.text
+        assert got.json()["tokens"] == want["input_ids"][:keep]
+    refused = http.post("/tokenize", json={"prompt": TEXTS[1], "truncate_prompt_tokens": 2})
+    assert refused.status_code == 400 and "leaves no room for text" in refused.text
+
+
 def test_health_and_metrics_are_open_and_count_the_routes(srv, http):
     assert httpx.get(f"{srv.http_url}/health").status_code == 200  # no key needed
     http.post("/v1/embeddings", json={"input": "count me"}).raise_for_status()
@@ -225,7 +271,10 @@ BAD = [
     ("/v1/embeddings", {"input": ""}, 400, "empty text"),
     ("/v1/embeddings", {"input": 5}, 400, "input must be a text"),
     ("/v1/embeddings", {"input": ["a", 3]}, 400, "input[1] must be a text"),
-    ("/v1/embeddings", {"input": [[1, -2]]}, 400, "input[0] must be a list of token ids"),
+    ("/v1/embeddings", {"input": [[1, True]]}, 400, "input[0] must be a list of token ids"),
+    ("/v1/embeddings", {"input": [[101, -5, 102]]}, 400, "token id -5, outside the vocabulary"),
+    ("/v1/embeddings", {"input": [101, -5]}, 400, "token id -5, outside the vocabulary"),
+    ("/pooling", {"input": [[101, -2 ** 70]]}, 400, "outside the vocabulary"),
     ("/v1/embeddings", {"input": [[1, 10 ** 30]]}, 400, "outside the vocabulary"),
     ("/v1/embeddings", {"input": "x", "dimensions": "64"}, 400, "dimensions"),
     ("/v1/embeddings", {"input": "x", "dimensions": 1000}, 400, "dimensions"),
@@ -252,6 +301,8 @@ BAD = [
     ("/v2/rerank", {"model": "rerank", "query": "q", "documents": "d"}, 400, "list of texts"),
     ("/v2/rerank", {"model": "rerank", "query": "q", "documents": ["d"], "top_n": 0}, 400,
      "top_n"),
+    ("/v2/rerank", {"model": "rerank", "query": "q", "documents": ["d"],
+                    "max_tokens_per_doc": 0}, 400, "max_tokens_per_doc"),
     ("/score", {"text_1": "a"}, 400, "text_2 is required"),
     ("/score", {"text_1": "a", "queries": "b"}, 400, "one of the two forms"),
     ("/score", {"model": "rerank", "text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, 400,
@@ -316,7 +367,7 @@ ROUTES = {
     "/tokenize": ["prompt", "model", "add_special_tokens", "return_token_strs"],
     "/v2/embed": ["model", "texts", "input_type", "embedding_types", "output_dimension",
                   "max_tokens", "truncate"],
-    "/v2/rerank": ["model", "query", "documents", "top_n"],
+    "/v2/rerank": ["model", "query", "documents", "top_n", "max_tokens_per_doc"],
 }
 _MODELS = st.sampled_from(["", MODEL, "rerank", "clf", "nope"])
 _SCALARS = (st.none() | st.booleans() | st.integers(-3, 300) | st.integers(-2 ** 70, 2 ** 70)
@@ -360,7 +411,7 @@ def test_mixed_grpc_and_http_load(http, grpc_client):
     want = grpc_client.embed(texts, model=MODEL)
     rng = np.random.default_rng(0)
     picks = [rng.choice(len(texts), size=int(rng.integers(1, 4)), replace=False)
-             for _ in range(200)]
+             for _ in range(64)]
 
     def call(i: int):
         chosen = [texts[j] for j in picks[i]]
@@ -377,30 +428,7 @@ def test_mixed_grpc_and_http_load(http, grpc_client):
         assert sorted(pool.map(call, range(len(picks)))) == list(range(len(picks)))
 
 
-# --- TLS, shutdown, flags ---------------------------------------------------------------------
-
-
-def test_tls_applies_to_the_http_port_and_sigterm_closes_it(tmp_path, grpc_client):
-    from certs import make_certs
-
-    certs = make_certs(tmp_path / "certs")
-    trust = ssl.create_default_context(cafile=str(certs["ca"]))
-    server = ServerProcess(tmp_path / "tls.log", "--http-port", "-1", "--tls-cert",
-                           str(certs["server"]), "--tls-key", str(certs["server_key"]))
-    try:
-        server.wait_ready()
-        assert server.http_url.startswith("https://")
-        with httpx.Client(base_url=server.http_url, verify=trust) as client:
-            assert client.get("/health").status_code == 200
-            got = client.post("/v1/embeddings", json={"input": TEXTS[:2], "model": MODEL})
-            close([d["embedding"] for d in got.json()["data"]],
-                  grpc_client.embed(TEXTS[:2], model=MODEL))
-        with pytest.raises(httpx.HTTPError):  # plaintext to the TLS port
-            httpx.get(server.http_url.replace("https://", "http://") + "/health", timeout=10)
-    finally:
-        assert server.terminate() == 0, server.log()
-    with pytest.raises(httpx.ConnectError):  # closed with the gRPC port
-        httpx.get(f"{server.http_url}/health", verify=trust, timeout=10)
+# --- flags, and a second server: TLS, overload, SIGTERM ------------------------------------------
 
 
 def test_http_port_flag_is_checked():
@@ -411,3 +439,119 @@ def test_http_port_flag_is_checked():
     with pytest.raises(ConfigError, match="taken by --port"):
         ServerConfig(port=8000, http_port=8000)
     assert ServerConfig(http_port=-1).http_port == -1
+
+
+PASSAGE = " ".join(["retrieval augmented generation needs fast embeddings"] * 30)
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    """The bundled embedder over TLS, one request admitted at a time, a long grace period. The
+    tests below use it in order; the last one SIGTERMs it."""
+    from certs import make_certs
+
+    root = tmp_path_factory.mktemp("http-edge")
+    certs = make_certs(root / "certs")
+    server = ServerProcess(root / "server.log", "--http-port", "-1", "--tls-cert",
+                           str(certs["server"]), "--tls-key", str(certs["server_key"]),
+                           "--max-concurrent-requests", "1", "--grace-period", "60")
+    server.trust = ssl.create_default_context(cafile=str(certs["ca"]))
+    try:
+        yield server.wait_ready()
+    finally:
+        assert server.terminate() == 0, server.log()
+
+
+def test_tls_applies_to_the_http_port(edge, grpc_client):
+    assert edge.http_url.startswith("https://")
+    with httpx.Client(base_url=edge.http_url, verify=edge.trust) as client:
+        assert client.get("/health").status_code == 200
+        got = client.post("/v1/embeddings", json={"input": TEXTS[:2], "model": MODEL})
+        close([d["embedding"] for d in got.json()["data"]],
+              grpc_client.embed(TEXTS[:2], model=MODEL))
+    with pytest.raises(httpx.HTTPError):  # plaintext to the TLS port
+        httpx.get(edge.http_url.replace("https://", "http://") + "/health", timeout=10)
+
+
+OVERLOAD = {"/v1/embeddings": {"input": [PASSAGE] * 16, "truncate_prompt_tokens": -1},
+            "/pooling": {"input": [PASSAGE] * 16, "truncate_prompt_tokens": -1},
+            "/v2/embed": {"model": MODEL, "texts": [PASSAGE] * 16}}
+
+
+def test_overload_is_429_with_retry_after(edge):
+    """Past --max-concurrent-requests a call is refused at once with 429, the peer's error body
+    and Retry-After (which the OpenAI SDK honours), as gRPC answers RESOURCE_EXHAUSTED."""
+    paths = sorted(OVERLOAD) * 3
+    with httpx.Client(base_url=edge.http_url, verify=edge.trust, timeout=120) as client:
+        for _ in range(3):  # simultaneous calls; a round served one by one is tried again
+            start = threading.Barrier(len(paths))
+            with ThreadPoolExecutor(len(paths)) as pool:
+                answers = list(pool.map(lambda path, start=start: (
+                    start.wait(), path, client.post(path, json=OVERLOAD[path]))[1:], paths))
+            if any(r.status_code == 429 for _, r in answers):
+                break
+        assert {r.status_code for _, r in answers} == {200, 429}, [r.text for _, r in answers]
+        for path, response in answers:
+            if response.status_code == 429:
+                assert response.headers["Retry-After"] == "1"
+                message = error_message(path, response)
+                assert "--max-concurrent-requests 1" in message and "retry" in message
+                if path == "/v1/embeddings":
+                    assert response.json()["error"]["type"] == "rate_limit_error"
+            else:
+                assert len(response.json()["data" if path != "/v2/embed" else "texts"]) == 16
+        # Once the load is gone, calls are admitted again.
+        assert client.post("/v1/embeddings", json={"input": "again"}).status_code == 200
+
+
+def held_request(url: str, path: str, body: bytes, context: ssl.SSLContext) -> socket.socket:
+    """A POST whose headers are sent with `Expect: 100-continue` and whose body is not: the
+    server's "100 Continue" says the call has reached the routes and asked for its body, so it
+    is in flight until the caller sends the body (`finish`)."""
+    where = urlsplit(url)
+    sock = context.wrap_socket(socket.create_connection((where.hostname, where.port), 60),
+                               server_hostname=where.hostname)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {where.netloc}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                 "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+    interim = b""
+    while b"\r\n\r\n" not in interim:
+        interim += sock.recv(1) or pytest.fail(f"connection closed: {interim!r}")
+    assert interim.startswith(b"HTTP/1.1 100 "), interim
+    return sock
+
+
+def finish(sock: socket.socket, body: bytes) -> tuple[int, dict]:
+    """Sends the held request's body; its status and JSON body."""
+    sock.sendall(body)
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    sock.close()
+    head, _, content = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(content)
+
+
+def test_sigterm_finishes_http_calls_in_flight_and_refuses_new_ones(edge, grpc_client):
+    """As gRPC's drain (test_lifecycle.py): a call in flight at SIGTERM is answered in full; new
+    calls get 503 saying why (with Retry-After), /health 503; the process exits 0 once the call
+    is answered, well inside the grace period; then the port is closed."""
+    body = json.dumps({"input": TEXTS, "model": MODEL}).encode()
+    held = held_request(edge.http_url, "/v1/embeddings", body, edge.trust)
+    edge.proc.send_signal(signal.SIGTERM)
+    assert "shutting down: 1 calls in flight" in edge.wait_for(r"shutting down: .*", 60).group()
+    with httpx.Client(base_url=edge.http_url, verify=edge.trust, timeout=60) as client:
+        assert client.get("/health").status_code == 503
+        for path, payload in (("/v1/embeddings", {"input": "late"}),
+                              ("/v2/embed", {"model": MODEL, "texts": ["late"]})):
+            response = client.post(path, json=payload)
+            assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+            assert "shutting down and takes no new calls" in error_message(path, response)
+    status, answer = finish(held, body)
+    assert status == 200, answer
+    close([d["embedding"] for d in answer["data"]], grpc_client.embed(TEXTS, model=MODEL))
+    assert edge.proc.wait(50) == 0  # not the 60 s grace period: nothing is left in flight
+    log = edge.log()
+    assert "poolsvc stopped" in log and "cut off" not in log
+    with pytest.raises(httpx.ConnectError):  # the port is closed
+        httpx.get(f"{edge.http_url}/health", verify=edge.trust, timeout=10)

@@ -89,10 +89,11 @@ class TextTokenizer:
         `indices` numbers the texts in error messages (their positions in the request);
         `offsets` computes character offsets, which the model path does not need.
         """
-        if cut and limit <= self.num_special_tokens:
+        special = self.num_special_tokens if add_special_tokens else 0
+        if cut and limit <= special:
             raise InvalidInputError(
                 f"the truncation length {limit} leaves no room for text: the model adds "
-                f"{self.num_special_tokens} special tokens", option=Option.TRUNCATE_LENGTH)
+                f"{special} special tokens", option=Option.TRUNCATE_LENGTH)
         tok = self._truncating_tokenizer(limit, side) if cut else self._tok
         encode = tok.encode_batch if offsets else tok.encode_batch_fast
         encodings = encode(list(texts), add_special_tokens=add_special_tokens)

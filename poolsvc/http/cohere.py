@@ -81,7 +81,8 @@ class RerankBody(BaseModel):
     query: str
     documents: list[str]
     top_n: int | None = Field(None, ge=1, description="keep the best N (default: all)")
-    max_tokens_per_doc: int | None = Field(None, description="not supported: leave it out")
+    max_tokens_per_doc: int | None = Field(
+        None, ge=1, description="cut each document to its first N tokens before pairing")
     priority: int | None = Field(None, description="accepted; poolsvc has no priorities")
 
     _documents = field_validator("documents", mode="before")(
@@ -90,12 +91,25 @@ class RerankBody(BaseModel):
     def to_request(self, front: Front, arrival_ns: int) -> PoolingRequest:
         if not self.query:
             raise InvalidInputError("query is an empty text: send the query")
+        documents = texts(self.documents, front.limits)
         if self.max_tokens_per_doc is not None:
-            raise InvalidInputError("max_tokens_per_doc is not supported (each pair is cut to "
-                                    "the model's maximum only with the server's "
-                                    "--auto-truncate): leave it out")
-        return PoolingRequest(Task.SCORE, (self.query,), texts(self.documents, front.limits),
-                              model=self.model, arrival_ns=arrival_ns)
+            documents = cut_documents(front, self.model, documents, self.max_tokens_per_doc)
+        return PoolingRequest(Task.SCORE, (self.query,), documents, model=self.model,
+                              arrival_ns=arrival_ns)
+
+
+def cut_documents(front: Front, model: str, documents: tuple[str, ...],
+                  max_tokens: int) -> tuple[str, ...]:
+    """Cohere's `max_tokens_per_doc`: each document cut to its first `max_tokens` tokens (the
+    model's tokenizer, no special tokens) before it is paired with the query; the text is cut
+    where its last kept token ends. A limit at or past the model's maximum cuts nothing: the
+    pair's own limit applies."""
+    if max_tokens >= front.engine.model(model).max_input_tokens:
+        return documents
+    _, encodings = front.engine.tokenize(model, documents, Truncation(max_tokens=max_tokens),
+                                         add_special_tokens=False, offsets=True)
+    return tuple(doc[:enc.offsets[-1][1]] if enc.overflowing else doc
+                 for doc, enc in zip(documents, encodings))
 
 
 def _texts_list(value, name: str):

@@ -32,8 +32,9 @@ LENIENT = ConfigDict(strict=True, extra="ignore")  # vLLM ignores fields it does
 
 
 def is_id(value) -> bool:
-    """A token id: a non-negative integer (the vocabulary's upper bound is the engine's)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A token id's JSON type: an integer. Its range, [0, vocabulary size), is the engine's to
+    check (it names the input and the range), for negative ids as for ids past the end."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_inputs(value, name: str = "input"):
@@ -51,7 +52,7 @@ def check_inputs(value, name: str = "input"):
     if all(is_id(v) for v in value):
         return value
     if all(isinstance(v, int) for v in value):
-        raise ValueError("has a token id that is not an integer from 0")
+        raise ValueError("has a token id that is not an integer (true and false are not ids)")
     for i, item in enumerate(value):
         if isinstance(item, str):
             if not item:
@@ -60,7 +61,7 @@ def check_inputs(value, name: str = "input"):
             if not item:
                 raise ValueError(f"{name}[{i}] is an empty list of token ids")
             if not all(is_id(v) for v in item):
-                raise ValueError(f"{name}[{i}] must be a list of token ids (integers from 0)")
+                raise ValueError(f"{name}[{i}] must be a list of token ids (integers)")
         else:
             raise ValueError(f"{name}[{i}] must be a text or a list of token ids")
     if len({isinstance(item, str) for item in value}) > 1:
