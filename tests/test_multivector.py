@@ -52,19 +52,21 @@ def check_vectors(got, want) -> None:
 
 @pytest.mark.parametrize("layout,attend,similarity,family", [
     ("multi-vector-encoder", False, None, "bert"), ("pylate", True, "meanmaxsim", "bert"),
-    ("multi-vector-encoder", False, None, "distilbert")])
+    ("multi-vector-encoder", False, None, "distilbert"),
+    ("multi-vector-encoder", False, None, "electra")])
 def test_layouts_match_multi_vector_encoder(tmp_path, minilm_path, layout, attend, similarity,
                                             family):
     """The MultiVectorEncoder layout (expansion tokens not attended to, MaxSim summed) and
-    PyLate's (attended to, MaxSim averaged): vectors, 1:N and N:N scores, a long query cut. A
-    DistilBERT body runs through transformers (its attention mask hides the expansion)."""
+    PyLate's (attended to, MaxSim averaged): vectors, 1:N and N:N scores, a long query cut.
+    DistilBERT runs on the packed code (keys packed without the expansion), ELECTRA through
+    transformers (its attention mask hides the expansion)."""
     directory = colbert(tmp_path, minilm_path, layout=layout, attend=attend,
                         similarity=similarity, family=family)
     queries, documents, scores = reference(directory, QUERIES + [LONG_QUERY])
     with LLM(str(directory), **CPU) as llm:
         info = llm.engine.model("")
         assert info.kind.value == "multi-vector" and info.embed_dimensions == 16
-        assert info.implementation == ("transformers" if family == "distilbert" else "poolsvc")
+        assert info.implementation == ("transformers" if family == "electra" else "poolsvc")
         assert [t.value for t in info.tasks] == ["token_embed", "score"]
         got = llm.encode(QUERIES, pooling_task="token_embed", input_role="query")
         check_vectors([o.outputs.data for o in got], queries[:3])

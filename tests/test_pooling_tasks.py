@@ -160,14 +160,14 @@ def test_options_that_do_not_apply_are_errors(llm):
 
 
 def test_transformers_fallback_serves_other_encoders(tmp_path, minilm_path):
-    """DistilBERT has no packed implementation here: it runs through transformers."""
+    """ELECTRA has no packed implementation here: it runs through transformers."""
     from sentence_transformers import SentenceTransformer
-    from transformers import DistilBertConfig, DistilBertModel
+    from transformers import ElectraConfig, ElectraModel
     torch.manual_seed(0)
-    body = tmp_path / "distil"
-    DistilBertModel(DistilBertConfig(vocab_size=30522, dim=48, n_layers=2, n_heads=4,
-                                     hidden_dim=96, max_position_embeddings=128)
-                    ).save_pretrained(body)
+    body = tmp_path / "electra"
+    ElectraModel(ElectraConfig(vocab_size=30522, embedding_size=32, hidden_size=48,
+                               num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                               max_position_embeddings=128)).save_pretrained(body)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         (body / name).write_bytes((minilm_path / name).read_bytes())
     directory = st_pipeline(tmp_path / "st", body, "mean")

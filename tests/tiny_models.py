@@ -396,7 +396,7 @@ def encoder_family(directory: Path, minilm_path: Path, family: str, task: str = 
 def colbert(directory: Path, minilm_path: Path, layout: str = "multi-vector-encoder",
             query_length: int = 16, document_length: int = 40, attend: bool = False,
             similarity: str | None = None, seed: int = 0, family: str = "bert") -> Path:
-    """A tiny random ColBERT: a 2-layer BERT (or DistilBERT, `family="distilbert"`) with
+    """A tiny random ColBERT: a 2-layer BERT (or `family` "distilbert" or "electra") with
     MiniLM's vocabulary plus the [Q] / [D] marker tokens, a bias-free Dense projection to 16
     dimensions, punctuation skipped in documents and queries expanded with [MASK] to
     `query_length`. Saved by sentence-transformers as a MultiVectorEncoder
@@ -409,13 +409,18 @@ def colbert(directory: Path, minilm_path: Path, layout: str = "multi-vector-enco
     from sentence_transformers.base.modules import Dense, Normalize, Transformer
     from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
 
-    if family == "distilbert":
+    if family in ("distilbert", "electra"):
         import transformers
         torch.manual_seed(seed)
         body = directory / "body"
-        model = transformers.DistilBertModel(transformers.DistilBertConfig(
-            vocab_size=30522, dim=48, n_layers=2, n_heads=4, hidden_dim=96,
-            max_position_embeddings=128)).eval()
+        if family == "distilbert":
+            model = transformers.DistilBertModel(transformers.DistilBertConfig(
+                vocab_size=30522, dim=48, n_layers=2, n_heads=4, hidden_dim=96,
+                max_position_embeddings=128)).eval()
+        else:
+            model = transformers.ElectraModel(transformers.ElectraConfig(
+                vocab_size=30522, embedding_size=48, hidden_size=48, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=96, max_position_embeddings=128)).eval()
         _perturb(model)
         model.save_pretrained(body)
         for name in TOKENIZER_FILES:
