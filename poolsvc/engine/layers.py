@@ -69,23 +69,28 @@ def _cuda_varlen():
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
                      causal: bool = False, window: int | None = None,
-                     bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                     bias: Callable[[int], torch.Tensor] | None = None,
+                     scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention within each packed sequence: bidirectional, or causal for decoders.
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim] with kv_heads
     dividing heads (grouped-query attention); returns [num_tokens, heads, head_dim]. `window`:
-    a token sees only those at most `window` positions away (ModernBERT's local layers). `bias`:
+    a token sees only those at most `window` positions away (ModernBERT's local layers; with
+    `causal`, the `window` tokens before it, as Gemma2/3's sliding layers). `bias`:
     width -> [heads, width, width], added to the scores of a sequence padded to that width
-    (MPNet's relative positions, the same for every sequence). On CUDA this is flash varlen
-    attention unless a window or a bias is given. CPU SDPA has no varlen form: sequences of
-    similar length are padded together (the batch's buckets), so padding costs at most
-    BUCKET_SLACK.
+    (MPNet's relative positions, the same for every sequence). `scale`: of the scores, default
+    1/sqrt(head_dim). `softcap`: scores become softcap * tanh(scores / softcap) before the mask
+    (Gemma2), computed with explicit products as transformers' eager attention does. On CUDA
+    this is flash varlen attention unless a window, a bias or a softcap is given. CPU SDPA has
+    no varlen form: sequences of similar length are padded together (the batch's buckets), so
+    padding costs at most BUCKET_SLACK.
     """
     num_tokens, heads, head_dim = q.shape
-    scale = 1.0 / math.sqrt(head_dim)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     gqa = k.shape[1] != heads
     window = _needed(window, batch)
-    if q.is_cuda and window is None and bias is None and (found := _cuda_varlen()) is not None:
+    if q.is_cuda and window is None and bias is None and softcap is None \
+            and (found := _cuda_varlen()) is not None:
         varlen, causal_kw = found
         cu_k, max_k = batch.cu_seqlens, batch.max_seqlen
         if batch.key_rows is not None:  # some tokens are not attended to: pack the keys alone
@@ -93,7 +98,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
             k, v = k[rows], v[rows]
         return varlen(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, max_k, scale=scale,
                       enable_gqa=gqa, **(causal_kw if causal else {}))
-    return _padded_attention((q, k, v), batch, causal, scale, gqa, window, bias)
+    return _padded_attention((q, k, v), batch, causal, scale, gqa, window, bias, softcap)
 
 
 def qkv_attention(qkv: torch.Tensor, batch: PackedBatch, window: int | None = None,
@@ -115,16 +120,17 @@ def _needed(window: int | None, batch: PackedBatch) -> int | None:
 
 def _padded_attention(x, batch: PackedBatch, causal: bool, scale: float, gqa: bool,
                       window: int | None = None,
-                      bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                      bias: Callable[[int], torch.Tensor] | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
     """x: (q, k, v), or qkv [num_tokens, 3, heads, head_dim]. Runs on any device."""
     buckets = batch.buckets
     if len(buckets) == 1 and buckets[0].start == 0:  # every row, in order: nothing to scatter
-        return _bucket_attention(x, buckets[0], causal, scale, gqa, window, bias)
+        return _bucket_attention(x, buckets[0], causal, scale, gqa, window, bias, softcap)
     q = x[0] if isinstance(x, tuple) else x[:, 0]
     out = q.new_empty(q.shape)
     for bucket in buckets:
         out.index_copy_(0, bucket.rows,
-                        _bucket_attention(x, bucket, causal, scale, gqa, window, bias))
+                        _bucket_attention(x, bucket, causal, scale, gqa, window, bias, softcap))
     return out
 
 
@@ -134,10 +140,12 @@ def _padded_attention(x, batch: PackedBatch, causal: bool, scale: float, gqa: bo
 SHORT_WIDTH = 64
 
 
-def _short_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+def _short_attention(q, k, v, mask, scale: float, softcap: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for [num_seqs, heads, width, head_dim] inputs; mask is
-    boolean (True: attend) or added to the scores."""
+    boolean (True: attend) or added to the scores. `softcap`: the scores are capped first."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [num_seqs, heads, width, width]
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     if mask is not None and mask.dtype is torch.bool:
         scores.masked_fill_(~mask, float("-inf"))
     elif mask is not None:
@@ -154,7 +162,8 @@ def _band(width: int, window: int, device: torch.device) -> torch.Tensor:
 
 def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gqa: bool,
                       window: int | None = None,
-                      bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                      bias: Callable[[int], torch.Tensor] | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
     """SDPA over one bucket's sequences padded to [num_seqs, heads, max_seqlen, head_dim];
     returns their rows in bucket order."""
     num_seqs, width = bucket.num_seqs, bucket.max_seqlen
@@ -177,7 +186,8 @@ def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gq
     heads, head_dim = q.shape[1], q.shape[3]
     mask = bucket.key_mask
     window = window if window is not None and width - 1 > window else None
-    if causal and (mask is not None or window is not None or bias is not None):
+    if causal and (mask is not None or window is not None or bias is not None
+                   or softcap is not None):
         tril = torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
         mask = tril if mask is None else mask & tril
     if window is not None:
@@ -187,7 +197,11 @@ def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gq
         scores_bias = bias(width).to(q.dtype)  # [heads, width, width]
         mask = scores_bias if mask is None else torch.where(
             mask, scores_bias, float("-inf"))  # [num_seqs or 1, heads, width, width]
-    if width <= SHORT_WIDTH and q.dtype is torch.float32 and not causal and not gqa:
+    if softcap is not None:  # SDPA cannot cap scores: explicit products, any width
+        if gqa:
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+        out = _short_attention(q, k, v, mask, scale, softcap)
+    elif width <= SHORT_WIDTH and q.dtype is torch.float32 and not causal and not gqa:
         out = _short_attention(q, k, v, mask, scale)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
