@@ -108,17 +108,18 @@ def test_truncation_max_tokens_alone_turns_truncation_on(channel, max_tokens, ke
 
 # --- 5: decoder bodies through the transformers fallback pool their last token ------------------
 
-GEMMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=1)
+DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=1)
 
 
-@pytest.mark.parametrize("family", ["Gemma", "Gemma2", "Gemma3Text"])
+# decoder families without packed code (Gemma has its own now: tests/test_models_gemma.py)
+@pytest.mark.parametrize("family", ["Granite", "StableLm", "Olmo2"])
 def test_fallback_decoders_default_to_last_pooling(tmp_path, family):
     directory = tmp_path / family
     directory.mkdir()
     vocab = bpe_tokenizer(directory, "decoder")
     torch.manual_seed(0)
-    config = getattr(transformers, f"{family}Config")(vocab_size=vocab, **GEMMA)
+    config = getattr(transformers, f"{family}Config")(vocab_size=vocab, **DECODER)
     assert not getattr(config, "is_decoder", False)  # the case that used to fall back to CLS
     model = getattr(transformers, f"{family}Model")(config).eval()
     _perturb(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from poolsvc.engine.models import (
     bert,
     distilbert,
+    gemma,
     llama,
     modernbert,
     mpnet,
@@ -58,6 +59,17 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": (qwen3, "Qwen3Model"),
     "Qwen3ForSequenceClassification": (qwen3, "Qwen3ForSequenceClassification"),
     "Qwen3ForTokenClassification": (qwen3, "Qwen3ForTokenClassification"),
+    "GemmaModel": (gemma, "GemmaModel"),
+    "GemmaForCausalLM": (gemma, "GemmaModel"),
+    "GemmaForSequenceClassification": (gemma, "GemmaForSequenceClassification"),
+    "GemmaForTokenClassification": (gemma, "GemmaForTokenClassification"),
+    "Gemma2Model": (gemma, "Gemma2Model"),
+    "Gemma2ForCausalLM": (gemma, "Gemma2Model"),
+    "Gemma2ForSequenceClassification": (gemma, "Gemma2ForSequenceClassification"),
+    "Gemma2ForTokenClassification": (gemma, "Gemma2ForTokenClassification"),
+    "Gemma3TextModel": (gemma, "Gemma3TextModel"),  # EmbeddingGemma too (bidirectional)
+    "Gemma3ForCausalLM": (gemma, "Gemma3TextModel"),
+    "Gemma3TextForSequenceClassification": (gemma, "Gemma3TextForSequenceClassification"),
 }
 # Masked LMs served as SPLADE sparse encoders (with SpladePooling or pooling_type SPLADE); without
 # that they are bodies.
@@ -76,4 +88,7 @@ MODEL_TYPES = {
     "mistral": "MistralModel",
     "qwen2": "Qwen2Model",
     "qwen3": "Qwen3Model",
+    "gemma": "GemmaModel",
+    "gemma2": "Gemma2Model",
+    "gemma3_text": "Gemma3TextModel",
 }

@@ -138,7 +138,7 @@ def _from_pretrained(auto, files: ModelFiles, allow_pickle: bool) -> nn.Module:
 
 def is_decoder_only(architecture: str, config) -> bool:
     """Causal bodies pool their last token by default (vLLM's rule). A model type transformers
-    builds only as a causal LM (Gemma, Gemma2/3, GPT-2, ...) is a decoder; one that also has a
+    builds only as a causal LM (GPT-2, Granite, OLMo, ...) is a decoder; one that also has a
     masked-LM form (BERT, RoBERTa, ...) is an encoder unless its config says is_decoder."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
