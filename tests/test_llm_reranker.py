@@ -3,6 +3,8 @@ token's logits over the two answer tokens, with the prompt template, offline and
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import numpy as np
 import pytest
@@ -37,19 +39,18 @@ def reference(directory, template: ScoreTemplate, query: str, documents: list[st
     tok = transformers.AutoTokenizer.from_pretrained(directory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     false_id, true_id = tok.convert_tokens_to_ids(answers)
-    prefix = tok(template.prefix, add_special_tokens=False).input_ids
-    suffix = tok(template.suffix, add_special_tokens=False).input_ids
     scores = []
     with torch.no_grad():
         for doc in documents:
-            pair = tok(template.pair_text(query, doc), add_special_tokens=False).input_ids
-            logits = model(torch.tensor([prefix + pair + suffix])).logits[0, -1]
+            ids = [i for text in template.texts(query, doc)
+                   for i in tok(text, add_special_tokens=False).input_ids]
+            logits = model(torch.tensor([ids])).logits[0, -1]
             scores.append(torch.softmax(logits[[false_id, true_id]], dim=-1)[1].item())
     return np.array(scores)
 
 
 def test_matches_the_causal_lm_offline(qwen3_lm):
-    template = ScoreTemplate(QWEN3.prefix, QWEN3.pair, QWEN3.suffix, "Find the answer")
+    template = dataclasses.replace(QWEN3, instruction="Find the answer")
     want = reference(qwen3_lm, template, QUERY, DOCS)
     with LLM(str(qwen3_lm), pooler_config=CONFIG, **CPU) as llm:
         info = llm.engine.model("")
@@ -74,7 +75,7 @@ def test_a_reranker_name_gets_the_qwen3_defaults(qwen3_lm):
 
 def test_custom_template_and_errors(qwen3_lm, tmp_path):
     custom = "Query: {query} Document: {document} Relevant:"
-    want = reference(qwen3_lm, ScoreTemplate("", custom, "", ""), QUERY, DOCS[:2])
+    want = reference(qwen3_lm, ScoreTemplate((custom,), ""), QUERY, DOCS[:2])
     with LLM(str(qwen3_lm), pooler_config={"answer_tokens": ANSWERS, "score_template": custom},
              **CPU) as llm:
         got = np.array([o.outputs.score for o in llm.score(QUERY, DOCS[:2])])
@@ -91,7 +92,7 @@ def test_custom_template_and_errors(qwen3_lm, tmp_path):
 
 def test_rerank_over_grpc(qwen3_lm, tmp_path):
     import json
-    template = ScoreTemplate(QWEN3.prefix, QWEN3.pair, QWEN3.suffix, "Find the answer")
+    template = dataclasses.replace(QWEN3, instruction="Find the answer")
     want = reference(qwen3_lm, template, QUERY, DOCS)
     srv = ServerProcess(tmp_path / "server.log", "--model", f"rr={qwen3_lm}",
                         "--pooler-config", "rr=" + json.dumps(CONFIG)).wait_ready()

@@ -95,9 +95,9 @@ class PoolerConfig:
     max_embed_len: int | None = None
     # int8 / uint8 outputs: quantize over [-r, r] on every dimension (engine/compact.py).
     quantization_range: float | None = None
-    # LLM rerankers (engine/reranker.py): the false and the true answer token, the prompt
-    # template (a built-in name or a format string) and the instruction it is given.
-    answer_tokens: tuple[str, str] | None = None
+    # LLM rerankers (engine/reranker.py): the false and the true answer token (or the true one
+    # alone), the prompt template (a built-in name or a format string) and its instruction.
+    answer_tokens: tuple[str, ...] | None = None
     score_template: str | None = None
     score_instruction: str | None = None
 
@@ -140,10 +140,11 @@ class PoolerConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"pooler config {name} must be a positive integer")
         answers = self.answer_tokens
-        if answers is not None and (len(answers) != 2 or not all(
+        if answers is not None and (len(answers) not in (1, 2) or not all(
                 isinstance(a, str) and a for a in answers)):
             raise ConfigError("pooler config answer_tokens must be two tokens: the false answer, "
-                              'then the true one, e.g. ["no", "yes"]')
+                              'then the true one, e.g. ["no", "yes"]; or the true one alone, '
+                              'e.g. ["Yes"]')
         for name in ("score_template", "score_instruction"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"pooler config {name} must be a string")

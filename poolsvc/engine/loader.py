@@ -150,7 +150,8 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
         if reranker is not None:
             template, answers = reranker
             backend = AnswerReranker(backend, answer_rows(
-                files.path, files.hf_config, _answer_ids(files, hf_tokenizer, answers)))
+                files.path, files.hf_config, _answer_ids(files, hf_tokenizer, answers)),
+                softcap=files.hf_config.get("final_logit_softcapping"))
         elif (heads := read_heads(files.path)) is not None:  # BGE-M3's sparse and colbert heads
             backend = BGEM3(backend, *heads)
         backend = backend.to(device=device, dtype=dtype).eval()
@@ -206,7 +207,7 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
     return model
 
 
-def _answer_ids(files: ModelFiles, tokenizer, answers: tuple[str, str]) -> tuple[int, int]:
+def _answer_ids(files: ModelFiles, tokenizer, answers: tuple[str, ...]) -> tuple[int, ...]:
     """The token ids of an LLM reranker's answers, each of which must be one token."""
     ids = []
     for answer in answers:
@@ -216,7 +217,7 @@ def _answer_ids(files: ModelFiles, tokenizer, answers: tuple[str, str]) -> tuple
                                  "the model's vocabulary; set answer_tokens in the pooler config "
                                  "(--pooler-config, or LLM(pooler_config=...))")
         ids.append(token_id)
-    return ids[0], ids[1]
+    return tuple(ids)
 
 
 def _describe(spec: ModelSpec, files: ModelFiles, backend: Backend, dense: DenseHead | None,

@@ -1,20 +1,28 @@
-"""LLM rerankers (Qwen3-Reranker style): a causal LM asked whether a document meets a query,
-scored by its next-token probability of the "true" answer over the "false" one.
+"""LLM rerankers: a causal LM asked whether a document meets a query, scored by its next-token
+logits of the answer tokens at the last token of the prompt.
 
-As a transform of a built decoder: the LM head is reduced at load to the difference of its two
-answer rows, so the model becomes a one-label classifier on the last token, and
-sigmoid(h . (w_true - w_false)) = softmax(h . w_false, h . w_true)[1]: the same probability,
-without a projection onto the whole vocabulary. Pairs are written into the model's prompt
-template before tokenizing (`ScoreTemplate`).
+Two conventions, by how many answer tokens there are. Two (Qwen3-Reranker: "no", "yes"): the
+probability of the true answer over the false one, softmax(l_false, l_true)[1] =
+sigmoid(l_true - l_false), so the score's logit is the difference. One (bge-reranker-v2-gemma,
+FlagEmbedding's LLM rerankers: "Yes"): the logit of that token is the score's logit, and its
+sigmoid is FlagEmbedding's `compute_score(normalize=True)`.
+
+As a transform of a built decoder: the LM head is reduced at load to the answer tokens' rows, so
+the model becomes a one-label classifier on the last token, without a projection onto the whole
+vocabulary (with the checkpoint's `final_logit_softcapping`, Gemma2/3, the answer logits are
+capped as transformers caps them). Pairs are written into the model's prompt template before
+tokenizing (`ScoreTemplate`).
 
 Configured by `--pooler-config` keys: `answer_tokens` (["no", "yes"]: the false, then the true
-answer), `score_template` (a built-in name, or a format string with {instruction}, {query} and
-{document}), `score_instruction`. A Qwen3 causal LM served from a source named like a reranker
-(`Qwen/Qwen3-Reranker-0.6B`) gets Qwen3-Reranker's published defaults.
+answer; or one token, the true answer alone), `score_template` (a built-in name, or a format
+string with {instruction}, {query} and {document}), `score_instruction`. A Qwen3 causal LM served
+from a source named like a reranker (`Qwen/Qwen3-Reranker-0.6B`) gets Qwen3-Reranker's published
+defaults, a Gemma causal LM from a source named like bge-reranker-v2-gemma FlagEmbedding's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,71 +39,89 @@ from poolsvc.engine.params import PoolingType
 
 @dataclass(frozen=True)
 class ScoreTemplate:
-    """How a (query, document) pair is written for the model: `prefix` and `suffix` around the
-    pair's text, each tokenized on its own (no special tokens added), as the reference does."""
+    """How a (query, document) pair is written for the model: `pieces`, format strings with
+    {instruction}, {query} and {document}, each tokenized on its own (no special tokens added),
+    as the reference does; the piece that holds {document} is cut from its end when a pair is
+    too long. `answers`: the answer tokens when the pooler config names none."""
 
-    prefix: str
-    pair: str          # with {instruction}, {query}, {document}
-    suffix: str
+    pieces: tuple[str, ...]
     instruction: str
+    answers: tuple[str, ...] = ("no", "yes")
 
-    def pair_text(self, query: str, document: str) -> str:
-        return self.pair.format(instruction=self.instruction, query=query, document=document)
+    def texts(self, query: str, document: str) -> list[str]:
+        return [p.format(instruction=self.instruction, query=query, document=document)
+                for p in self.pieces]
+
+    @property
+    def document_piece(self) -> int:
+        return next(i for i, p in enumerate(self.pieces) if "{document}" in p)
 
 
 # Qwen3-Reranker's model card: the system prompt, the chat markup, an empty thinking block.
 QWEN3 = ScoreTemplate(
-    prefix="<|im_start|>system\nJudge whether the Document meets the requirements based on the "
-           "Query and the Instruct provided. Note that the answer can only be \"yes\" or "
-           "\"no\".<|im_end|>\n<|im_start|>user\n",
-    pair="<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}",
-    suffix="<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
-    instruction="Given a web search query, retrieve relevant passages that answer the query")
-TEMPLATES = {"qwen3": QWEN3}
-_DEFAULT_ANSWERS = ("no", "yes")
+    ("<|im_start|>system\nJudge whether the Document meets the requirements based on the "
+     "Query and the Instruct provided. Note that the answer can only be \"yes\" or "
+     "\"no\".<|im_end|>\n<|im_start|>user\n",
+     "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}",
+     "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    "Given a web search query, retrieve relevant passages that answer the query")
+# FlagEmbedding's FlagLLMReranker (BaseLLMReranker.compute_score): <bos>, "A: " + query, "\n",
+# "B: " + passage, "\n", then the prompt, each tokenized apart; the score is the "Yes" logit.
+BGE_GEMMA = ScoreTemplate(
+    ("<bos>", "A: {query}", "\n", "B: {document}", "\n", "{instruction}"),
+    "Given a query A and a passage B, determine whether the passage contains an answer to the "
+    "query by providing a prediction of either 'Yes' or 'No'.",
+    answers=("Yes",))
+TEMPLATES = {"qwen3": QWEN3, "bge-reranker-v2-gemma": BGE_GEMMA}
+# A causal LM of these architectures served from a source whose name holds the marker gets the
+# template without asking.
+_KNOWN = (("Qwen3ForCausalLM", "reranker", "qwen3"),
+          ("GemmaForCausalLM", "bge-reranker-v2-gemma", "bge-reranker-v2-gemma"))
 
 
 def reranker_config(architecture: str, source: str,
-                    config: PoolerConfig) -> tuple[ScoreTemplate, tuple[str, str]] | None:
-    """The template and answer tokens `config` asks for (or Qwen3-Reranker's, for a Qwen3
-    causal LM whose source names a reranker); None for other models."""
+                    config: PoolerConfig) -> tuple[ScoreTemplate, tuple[str, ...]] | None:
+    """The template and answer tokens `config` asks for (or a known reranker's, for a causal LM
+    whose source names it); None for other models."""
     asked = config.answer_tokens is not None or config.score_template is not None
-    known = architecture == "Qwen3ForCausalLM" and "reranker" in source.lower()
-    if not asked and not known:
+    known = next((name for arch, marker, name in _KNOWN
+                  if architecture == arch and marker in source.lower()), None)
+    if not asked and known is None:
         return None
     if not architecture.endswith("ForCausalLM"):
         raise ModelLoadError(f"an LLM reranker needs a causal LM checkpoint (…ForCausalLM, with "
                              f"its lm_head); {architecture} is not one")
-    name = config.score_template or "qwen3"
+    name = config.score_template or known or "qwen3"
     if name in TEMPLATES:
         template = TEMPLATES[name]
     elif "{query}" in name and "{document}" in name:
-        template = ScoreTemplate("", name, "", QWEN3.instruction)
+        template = ScoreTemplate((name,), QWEN3.instruction)
     else:
         raise ModelLoadError(f"score_template {name!r} is neither a built-in template "
                              f"({', '.join(TEMPLATES)}) nor a format string with {{query}} and "
                              "{document}")
     if config.score_instruction is not None:
-        template = ScoreTemplate(template.prefix, template.pair, template.suffix,
-                                 config.score_instruction)
-    return template, tuple(config.answer_tokens or _DEFAULT_ANSWERS)
+        template = dataclasses.replace(template, instruction=config.score_instruction)
+    return template, tuple(config.answer_tokens or template.answers)
 
 
 class AnswerReranker(Backend):
-    """A decoder body, its LM head reduced to w_true - w_false: one logit on the last token."""
+    """A decoder body and its LM head's answer rows: one logit on the last token, the true
+    answer's minus the false one's (two answers) or the answer's own (one)."""
 
     kind = Kind.CLASSIFIER
     head_pooling = PoolingType.LAST
     default_pooling = PoolingType.LAST
     num_labels = 1
 
-    def __init__(self, body: nn.Module, answer_rows: torch.Tensor):
+    def __init__(self, body: nn.Module, answer_rows: torch.Tensor,
+                 softcap: float | None = None):
         super().__init__()
         self.body = body
-        false_row, true_row = answer_rows  # [2, hidden]
-        self.score = nn.Linear(answer_rows.shape[1], 1, bias=False)
+        self.softcap = softcap
+        self.score = nn.Linear(answer_rows.shape[1], answer_rows.shape[0], bias=False)
         with torch.no_grad():
-            self.score.weight.copy_((true_row - false_row)[None])
+            self.score.weight.copy_(answer_rows)  # [answers, hidden]
 
     @property
     def hidden_size(self) -> int:
@@ -109,11 +135,16 @@ class AnswerReranker(Backend):
         return self.body(batch)  # [num_tokens, hidden]
 
     def head(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.score(rows)  # [rows, 1]: the logit of the true answer over the false one
+        logits = self.score(rows)  # [rows, answers]: the LM's logits of the answer tokens
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if logits.shape[1] == 2:  # the true answer's logit over the false one's
+            return logits[:, 1:] - logits[:, :1]
+        return logits  # [rows, 1]
 
 
-def answer_rows(path: Path, hf_config: dict, token_ids: tuple[int, int]) -> torch.Tensor:
-    """The LM head's rows of the two answer tokens [2, hidden], read from the checkpoint without
+def answer_rows(path: Path, hf_config: dict, token_ids: tuple[int, ...]) -> torch.Tensor:
+    """The LM head's rows of the answer tokens [answers, hidden], read from the checkpoint without
     loading the whole head (the input embeddings when the head is tied to them)."""
     from safetensors import safe_open
 

@@ -128,28 +128,37 @@ class TextTokenizer:
 
     def encode_template(self, pairs: Sequence[tuple[str, str]], template, limit: int,
                         cut: bool) -> list[list[int]]:
-        """Token ids of each pair written into an LLM reranker's template: prefix, pair text and
-        suffix tokenized each on its own, no special tokens added. Over-long pair text is cut
-        from its end (the document's), keeping the template whole, or rejected."""
-        prefix = self._tok.encode(template.prefix, add_special_tokens=False).ids
-        suffix = self._tok.encode(template.suffix, add_special_tokens=False).ids
-        room = limit - len(prefix) - len(suffix)
-        if room < 1:
-            raise InvalidInputError(f"the truncation length {limit} leaves no room for a pair: "
-                                    f"the template takes {limit - room} tokens",
-                                    option=Option.TRUNCATE_LENGTH)
-        texts = [template.pair_text(query, document) for query, document in pairs]
+        """Token ids of each pair written into an LLM reranker's template: its pieces tokenized
+        each on its own, no special tokens added. An over-long pair has its document's piece cut
+        from its end, keeping the rest whole, or is rejected."""
+        doc = template.document_piece
+        texts = [template.texts(query, document) for query, document in pairs]
+        columns = []  # per piece, the ids of every pair's; fixed pieces tokenized once
+        for j, piece in enumerate(template.pieces):
+            if "{query}" in piece or "{document}" in piece:
+                columns.append([e.ids for e in self._tok.encode_batch_fast(
+                    [t[j] for t in texts], add_special_tokens=False)])
+            else:
+                columns.append([self._tok.encode(piece.format(
+                    instruction=template.instruction), add_special_tokens=False).ids] * len(pairs))
         out = []
-        for i, enc in enumerate(self._tok.encode_batch_fast(texts, add_special_tokens=False)):
-            ids = enc.ids
-            if len(ids) > room:
+        for i in range(len(pairs)):
+            pieces = [column[i] for column in columns]
+            total = sum(len(p) for p in pieces)
+            if total > limit:
                 if not cut:
                     raise InvalidInputError(
-                        f"pair {i} has {len(ids) + limit - room} tokens in the model's template, "
-                        f"more than the limit of {limit}: shorten it, or enable truncation",
+                        f"pair {i} has {total} tokens in the model's template, more than the "
+                        f"limit of {limit}: shorten it, or enable truncation",
                         option=Option.TRUNCATE)
-                ids = ids[:room]
-            out.append(prefix + ids + suffix)
+                keep = len(pieces[doc]) - (total - limit)
+                if keep < 1:
+                    raise InvalidInputError(
+                        f"the truncation length {limit} leaves no room for pair {i}'s document: "
+                        f"the template and the rest of the pair take {total - len(pieces[doc])} "
+                        "tokens", option=Option.TRUNCATE_LENGTH)
+                pieces[doc] = pieces[doc][:keep]
+            out.append([t for p in pieces for t in p])
         return out
 
     def check_ids(self, ids: Sequence[int], index: int, limit: int, cut: bool,
