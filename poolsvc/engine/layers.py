@@ -67,22 +67,28 @@ def _cuda_varlen():
     return varlen_attn, causal
 
 
+# A bias of attention scores: given one group of sequences' padded q and k
+# ([num_seqs, heads, width, head_dim]), what to add to their scores: [heads, width, width] when
+# it depends on positions alone (MPNet), [num_seqs, heads, width, width] when on content too
+# (DeBERTa's disentangled attention).
+ScoreBias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
                      causal: bool = False, window: int | None = None,
-                     bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                     bias: ScoreBias | None = None, scale: float | None = None) -> torch.Tensor:
     """Attention within each packed sequence: bidirectional, or causal for decoders.
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim] with kv_heads
     dividing heads (grouped-query attention); returns [num_tokens, heads, head_dim]. `window`:
     a token sees only those at most `window` positions away (ModernBERT's local layers). `bias`:
-    width -> [heads, width, width], added to the scores of a sequence padded to that width
-    (MPNet's relative positions, the same for every sequence). On CUDA this is flash varlen
-    attention unless a window or a bias is given. CPU SDPA has no varlen form: sequences of
-    similar length are padded together (the batch's buckets), so padding costs at most
-    BUCKET_SLACK.
+    added to the scores (ScoreBias). `scale`: of q k^T, 1/sqrt(head_dim) unless given. On CUDA
+    this is flash varlen attention unless a window or a bias is given. CPU SDPA has no varlen
+    form: sequences of similar length are padded together (the batch's buckets), so padding
+    costs at most BUCKET_SLACK.
     """
     num_tokens, heads, head_dim = q.shape
-    scale = 1.0 / math.sqrt(head_dim)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     gqa = k.shape[1] != heads
     window = _needed(window, batch)
     if q.is_cuda and window is None and bias is None and (found := _cuda_varlen()) is not None:
@@ -97,7 +103,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
 
 
 def qkv_attention(qkv: torch.Tensor, batch: PackedBatch, window: int | None = None,
-                  bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                  bias: ScoreBias | None = None) -> torch.Tensor:
     """Bidirectional attention of one projection's query, key and value side by side,
     qkv [num_tokens, 3, heads, head_dim]; returns [num_tokens, heads, head_dim]. On the CPU each
     bucket's rows are gathered and padded once for the three. `window`, `bias`: as
@@ -115,7 +121,7 @@ def _needed(window: int | None, batch: PackedBatch) -> int | None:
 
 def _padded_attention(x, batch: PackedBatch, causal: bool, scale: float, gqa: bool,
                       window: int | None = None,
-                      bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                      bias: ScoreBias | None = None) -> torch.Tensor:
     """x: (q, k, v), or qkv [num_tokens, 3, heads, head_dim]. Runs on any device."""
     buckets = batch.buckets
     if len(buckets) == 1 and buckets[0].start == 0:  # every row, in order: nothing to scatter
@@ -154,7 +160,7 @@ def _band(width: int, window: int, device: torch.device) -> torch.Tensor:
 
 def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gqa: bool,
                       window: int | None = None,
-                      bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                      bias: ScoreBias | None = None) -> torch.Tensor:
     """SDPA over one bucket's sequences padded to [num_seqs, heads, max_seqlen, head_dim];
     returns their rows in bucket order."""
     num_seqs, width = bucket.num_seqs, bucket.max_seqlen
@@ -184,7 +190,7 @@ def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gq
         band = _band(width, window, q.device)
         mask = band if mask is None else mask & band
     if bias is not None:  # scores + bias where attended, -inf elsewhere
-        scores_bias = bias(width).to(q.dtype)  # [heads, width, width]
+        scores_bias = bias(q, k).to(q.dtype)  # [num_seqs or 1, heads, width, width]
         mask = scores_bias if mask is None else torch.where(
             mask, scores_bias, float("-inf"))  # [num_seqs or 1, heads, width, width]
     if width <= SHORT_WIDTH and q.dtype is torch.float32 and not causal and not gqa:
