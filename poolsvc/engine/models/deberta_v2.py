@@ -23,7 +23,7 @@ from torch import nn
 from poolsvc.engine.backend import Backend
 from poolsvc.engine.description import Kind
 from poolsvc.engine.layers import activation, varlen_attention
-from poolsvc.engine.models.bert import num_labels_of
+from poolsvc.engine.models.bert import BertIntermediate, BertResidualOutput, num_labels_of
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import PoolingType
 
@@ -216,44 +216,23 @@ class DisentangledSelfAttention(nn.Module):
         return bias
 
 
-class DebertaV2ResidualOutput(nn.Module):
-    """dense -> add residual -> LayerNorm (HF's DebertaV2SelfOutput and DebertaV2Output)."""
-
-    def __init__(self, d_in: int, cfg: DebertaV2Config):
-        super().__init__()
-        self.dense = nn.Linear(d_in, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
-
-
+# BERT's dense -> add -> LayerNorm and dense -> activation blocks, under the same names
 class DebertaV2Attention(nn.Module):
     def __init__(self, cfg: DebertaV2Config):
         super().__init__()
         self.self = DisentangledSelfAttention(cfg)
-        self.output = DebertaV2ResidualOutput(cfg.num_attention_heads * cfg.head_dim, cfg)
+        self.output = BertResidualOutput(cfg.num_attention_heads * cfg.head_dim, cfg)
 
     def forward(self, x, batch, table) -> torch.Tensor:
         return self.output(self.self(x, batch, table), x)
-
-
-class DebertaV2Intermediate(nn.Module):
-    def __init__(self, cfg: DebertaV2Config):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = activation(cfg.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(x))
 
 
 class DebertaV2Layer(nn.Module):
     def __init__(self, cfg: DebertaV2Config):
         super().__init__()
         self.attention = DebertaV2Attention(cfg)
-        self.intermediate = DebertaV2Intermediate(cfg)
-        self.output = DebertaV2ResidualOutput(cfg.intermediate_size, cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertResidualOutput(cfg.intermediate_size, cfg)
 
     def forward(self, x, batch, table) -> torch.Tensor:
         x = self.attention(x, batch, table)
