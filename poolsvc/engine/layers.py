@@ -67,23 +67,29 @@ def _cuda_varlen():
     return varlen_attn, causal
 
 
+# A bias of attention scores: given one group of sequences' padded q and k
+# ([num_seqs, heads, width, head_dim]), what to add to their scores: [heads, width, width] when
+# it depends on positions alone (MPNet), [num_seqs, heads, width, width] when on content too
+# (DeBERTa's disentangled attention).
+ScoreBias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
                      causal: bool = False, window: int | None = None,
-                     bias: Callable[[int], torch.Tensor] | None = None,
+                     bias: ScoreBias | None = None,
                      scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention within each packed sequence: bidirectional, or causal for decoders.
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim] with kv_heads
     dividing heads (grouped-query attention); returns [num_tokens, heads, head_dim]. `window`:
     a token sees only those at most `window` positions away (ModernBERT's local layers; with
-    `causal`, the `window` tokens before it, as Gemma2/3's sliding layers). `bias`:
-    width -> [heads, width, width], added to the scores of a sequence padded to that width
-    (MPNet's relative positions, the same for every sequence). `scale`: of the scores, default
-    1/sqrt(head_dim). `softcap`: scores become softcap * tanh(scores / softcap) before the mask
-    (Gemma2), computed with explicit products as transformers' eager attention does. On CUDA
-    this is flash varlen attention unless a window, a bias or a softcap is given. CPU SDPA has
-    no varlen form: sequences of similar length are padded together (the batch's buckets), so
-    padding costs at most BUCKET_SLACK.
+    `causal`, the `window` tokens before it, as Gemma2/3's sliding layers). `bias`: added to
+    the scores (ScoreBias: MPNet's relative positions, DeBERTa's disentangled terms). `scale`:
+    of the scores, default 1/sqrt(head_dim). `softcap`: scores become
+    softcap * tanh(scores / softcap) before the mask (Gemma2), computed with explicit products
+    as transformers' eager attention does. On CUDA this is flash varlen attention unless a
+    window, a bias or a softcap is given. CPU SDPA has no varlen form: sequences of similar
+    length are padded together (the batch's buckets), so padding costs at most BUCKET_SLACK.
     """
     num_tokens, heads, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -102,7 +108,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
 
 
 def qkv_attention(qkv: torch.Tensor, batch: PackedBatch, window: int | None = None,
-                  bias: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                  bias: ScoreBias | None = None) -> torch.Tensor:
     """Bidirectional attention of one projection's query, key and value side by side,
     qkv [num_tokens, 3, heads, head_dim]; returns [num_tokens, heads, head_dim]. On the CPU each
     bucket's rows are gathered and padded once for the three. `window`, `bias`: as
@@ -120,7 +126,7 @@ def _needed(window: int | None, batch: PackedBatch) -> int | None:
 
 def _padded_attention(x, batch: PackedBatch, causal: bool, scale: float, gqa: bool,
                       window: int | None = None,
-                      bias: Callable[[int], torch.Tensor] | None = None,
+                      bias: ScoreBias | None = None,
                       softcap: float | None = None) -> torch.Tensor:
     """x: (q, k, v), or qkv [num_tokens, 3, heads, head_dim]. Runs on any device."""
     buckets = batch.buckets
@@ -162,7 +168,7 @@ def _band(width: int, window: int, device: torch.device) -> torch.Tensor:
 
 def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gqa: bool,
                       window: int | None = None,
-                      bias: Callable[[int], torch.Tensor] | None = None,
+                      bias: ScoreBias | None = None,
                       softcap: float | None = None) -> torch.Tensor:
     """SDPA over one bucket's sequences padded to [num_seqs, heads, max_seqlen, head_dim];
     returns their rows in bucket order."""
@@ -194,7 +200,7 @@ def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gq
         band = _band(width, window, q.device)
         mask = band if mask is None else mask & band
     if bias is not None:  # scores + bias where attended, -inf elsewhere
-        scores_bias = bias(width).to(q.dtype)  # [heads, width, width]
+        scores_bias = bias(q, k).to(q.dtype)  # [num_seqs or 1, heads, width, width]
         mask = scores_bias if mask is None else torch.where(
             mask, scores_bias, float("-inf"))  # [num_seqs or 1, heads, width, width]
     if softcap is not None:  # SDPA cannot cap scores: explicit products, any width

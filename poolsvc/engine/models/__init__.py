@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from poolsvc.engine.models import (
     bert,
+    deberta_v2,
     distilbert,
     gemma,
     llama,
@@ -41,6 +42,10 @@ ARCHITECTURES = {
     "ModernBertForMaskedLM": (modernbert, "ModernBertModel"),  # a body (SPLADE: hf_fallback)
     "ModernBertForSequenceClassification": (modernbert, "ModernBertForSequenceClassification"),
     "ModernBertForTokenClassification": (modernbert, "ModernBertForTokenClassification"),
+    "DebertaV2Model": (deberta_v2, "DebertaV2Model"),
+    "DebertaV2ForMaskedLM": (deberta_v2, "DebertaV2Model"),  # a body
+    "DebertaV2ForSequenceClassification": (deberta_v2, "DebertaV2ForSequenceClassification"),
+    "DebertaV2ForTokenClassification": (deberta_v2, "DebertaV2ForTokenClassification"),
     "LlamaModel": (llama, "LlamaModel"),
     "LlamaForCausalLM": (llama, "LlamaModel"),
     "LlamaForSequenceClassification": (llama, "LlamaForSequenceClassification"),
@@ -84,6 +89,7 @@ MODEL_TYPES = {
     "mpnet": "MPNetModel",
     "distilbert": "DistilBertModel",
     "modernbert": "ModernBertModel",
+    "deberta-v2": "DebertaV2Model",
     "llama": "LlamaModel",
     "mistral": "MistralModel",
     "qwen2": "Qwen2Model",

@@ -160,7 +160,11 @@ class MPNetModel(Backend):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         # one bias per bucket width, shared by every layer of this pass
-        bias = functools.lru_cache(maxsize=None)(self.encoder.position_bias)
+        cached = functools.lru_cache(maxsize=None)(self.encoder.position_bias)
+
+        def bias(q, k):  # [heads, width, width] for q, k [num_seqs, heads, width, head_dim]
+            return cached(q.shape[-2])
+
         x = self.embeddings(batch)
         for layer in self.encoder.layer:
             x = layer(x, batch, bias)
