@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from poolsvc.engine.lora import LoraLinear
+
 
 @functools.cache
 def kernels():
@@ -28,10 +30,12 @@ def available() -> bool:
 
 
 def enable(module: torch.nn.Module) -> int:
-    """Switches every layer of `module` that has a fused form to it; returns how many."""
+    """Switches every layer of `module` that has a fused form to it; returns how many. Layers
+    whose own linear layers carry LoRA adapters keep their PyTorch form: a fused form may read
+    a linear layer's weight directly (BERT's bias + GELU), which would leave the adapters out."""
     count = 0
     for sub in module.modules():
-        if hasattr(sub, "fused"):
+        if hasattr(sub, "fused") and not any(isinstance(c, LoraLinear) for c in sub.children()):
             sub.fused = True
             count += 1
     return count
