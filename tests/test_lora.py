@@ -6,27 +6,31 @@ refused at load with the reason."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import grpc
-import numpy as np
-import pytest
-import requests
-import torch
-from conftest import ROOT, ServerProcess
-from tiny_models import TOKENIZER_FILES, bert_classifier, decoder, tiny_bert
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the CUDA kernels, interpreted on the CPU
 
-from poolsvc.engine.config import LoraSpec, ModelSpec, PoolerConfig
-from poolsvc.engine.errors import AdapterNotFoundError, ModelLoadError
-from poolsvc.engine.loader import load_model
-from poolsvc.engine.lora import LoraLinear
-from poolsvc.engine.packing import PackedBatch
-from poolsvc.engine.params import PoolingParams, Task
-from poolsvc.engine.request import PoolingRequest
-from poolsvc.gen.v1 import (
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import requests  # noqa: E402
+import torch  # noqa: E402
+from conftest import ROOT, ServerProcess  # noqa: E402
+from tiny_models import TOKENIZER_FILES, bert_classifier, decoder, tiny_bert  # noqa: E402
+
+from poolsvc.engine import fused  # noqa: E402
+from poolsvc.engine.config import LoraSpec, ModelSpec, PoolerConfig  # noqa: E402
+from poolsvc.engine.errors import AdapterNotFoundError, ModelLoadError  # noqa: E402
+from poolsvc.engine.loader import load_model  # noqa: E402
+from poolsvc.engine.lora import LoraLinear  # noqa: E402
+from poolsvc.engine.packing import PackedBatch  # noqa: E402
+from poolsvc.engine.params import PoolingParams, Task  # noqa: E402
+from poolsvc.engine.request import PoolingRequest  # noqa: E402
+from poolsvc.gen.v1 import (  # noqa: E402
     common_pb2,
     embed_pb2,
     embed_pb2_grpc,
@@ -217,11 +221,42 @@ def test_layers_without_adapters_keep_the_cpu_fast_path(bert, bert_references):
     wrapped = [m for m in body.modules() if isinstance(m, LoraLinear)]
     assert len(wrapped) == 2 and all(isinstance(m.base, cpu.PackedLinear) for m in wrapped)
     slots = [1, 0, 1]
-    with torch.inference_mode():
-        hidden = body(PackedBatch.build(ids[:3], None, torch.device("cpu"), adapters=slots))
-    for i, part in enumerate(hidden.split([len(x) for x in ids[:3]])):
+    for i, got in enumerate(forward_mixed(body, ids[:3], slots)):
         want = bert_references["qv" if slots[i] else ""][i]
-        np.testing.assert_allclose(part.numpy(), want, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def forward_mixed(body, ids, slots) -> list[np.ndarray]:
+    """The body's hidden states of one packed batch, each sequence with its adapter slot."""
+    with torch.inference_mode():
+        hidden = body(PackedBatch.build(ids, None, torch.device("cpu"), adapters=slots))
+    return [part.numpy() for part in hidden.split([len(x) for x in ids])]
+
+
+@pytest.mark.parametrize("family", ["bert", "qwen3"])
+def test_with_the_cuda_kernels(family, bert, bert_references, qwen3):
+    """The Triton kernels' fused layers (interpreted on the CPU here) with adapters: BERT's
+    bias + GELU reads its weight directly, so an adapted intermediate layer keeps its plain form;
+    the decoder's rotary and norm kernels stay on with adapted projections."""
+    if not fused.available():
+        pytest.skip("the kernels package is not installed")
+    base, adapters, ids = bert[:3] if family == "bert" else qwen3[:3]
+    references = bert_references if family == "bert" else qwen3[3]
+    names = list(adapters)
+    model = load_model(ModelSpec(str(base)), torch.device("cpu"), torch.float32,
+                       is_default=True, pooler_config=PoolerConfig(), use_kernels=False,
+                       adapters=tuple(LoraSpec(n, str(p)) for n, p in adapters.items()))
+    body = model.backend
+    fused.enable(body)
+    if family == "bert":  # the mlp adapter changes every intermediate.dense
+        assert not body.encoder.layer[0].intermediate.fused
+        assert body.encoder.layer[0].output.fused
+    else:
+        assert body.fused and body.layers[0].self_attn.fused
+    slots = [2, 0, 1]  # interpreted kernels are slow: three short inputs
+    for i, got in enumerate(forward_mixed(body, ids[:3], slots)):
+        want = references[names[slots[i] - 1] if slots[i] else ""][i]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 def test_adapter_rows_of_a_packed_batch():

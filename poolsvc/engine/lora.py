@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from poolsvc.engine.backend import Backend
 from poolsvc.engine.config import LoraSpec, default_name
 from poolsvc.engine.description import AdapterInfo
 from poolsvc.engine.errors import ModelLoadError
@@ -129,6 +130,14 @@ def check_base(adapter: LoraAdapter, model: str, source: str, names: tuple[str, 
                          f"{model!r} serves {source!r}")
 
 
+class BatchAdapters:
+    """The adapter rows of the batch the body is running (empty between batches): set by the
+    body's forward (`attach_adapters`), read by each of its LoraLinear layers."""
+
+    def __init__(self):
+        self.rows: AdapterRows = ()
+
+
 class LoraLinear(nn.Module):
     """A linear layer and, per adapter slot, the low-rank update of its output: for the rows of
     the batch that run with adapter s, base(x) + x Aₛᵀ (scale Bₛ)ᵀ. `base` is any layer from
@@ -160,15 +169,7 @@ class LoraLinear(nn.Module):
         return f"adapters (slot: rank)={ranks}"
 
 
-class BatchAdapters:
-    """The adapter rows of the batch the body is running (empty between batches): set by the
-    body's forward (`attach_adapters`), read by each of its LoraLinear layers."""
-
-    def __init__(self):
-        self.rows: AdapterRows = ()
-
-
-def attach_adapters(body: nn.Module, adapters: list[LoraAdapter], device: torch.device,
+def attach_adapters(body: Backend, adapters: list[LoraAdapter], device: torch.device,
                     dtype: torch.dtype) -> None:
     """Serves `adapters` on `body` (a packed model, on its device in its dtype) as slots 1, 2,
     ... in order; slot 0 is the base model. Every targeted module must be a linear layer of the
@@ -176,7 +177,7 @@ def attach_adapters(body: nn.Module, adapters: list[LoraAdapter], device: torch.
     they then replace the base layers inside the wrappers."""
     batch_rows = BatchAdapters()
     layers: dict[str, LoraLinear] = {}
-    prefix = getattr(body, "weight_prefix", "")
+    prefix = body.weight_prefix  # peft names a task model's body with it ("bert.", "model.")
     for slot, adapter in enumerate(adapters, start=1):
         for module, (a, b) in adapter.weights.items():
             name = module[len(prefix):] if prefix and module.startswith(prefix) else module
