@@ -4,9 +4,9 @@ __version__ = "0.1.0"
 
 # The offline API, by vLLM's names. It pulls in torch, so it is imported on first use:
 # `import poolsvc` (the client, the stubs) must not.
-_OFFLINE = ("LLM", "PoolingParams", "PoolingOutput", "EmbeddingOutput", "ClassificationOutput",
-            "ScoringOutput", "PoolingRequestOutput", "EmbeddingRequestOutput",
-            "ClassificationRequestOutput", "ScoringRequestOutput")
+_OFFLINE = ("LLM", "LoRARequest", "PoolingParams", "PoolingOutput", "EmbeddingOutput",
+            "ClassificationOutput", "ScoringOutput", "PoolingRequestOutput",
+            "EmbeddingRequestOutput", "ClassificationRequestOutput", "ScoringRequestOutput")
 
 
 def __getattr__(name: str):

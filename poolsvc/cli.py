@@ -79,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, config: type = ServerConfig):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config)}
-    for name in ("models", "pooler_configs"):  # repeatable flags
-        if values[name] is None:
-            del values[name]
-        else:
-            values[name] = tuple(values[name])
+    for f in dataclasses.fields(config):  # repeatable flags
+        if "repeat" in f.metadata:
+            if values[f.name] is None:
+                del values[f.name]
+            else:
+                values[f.name] = tuple(values[f.name])
     return config(**values)
 
 

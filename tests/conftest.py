@@ -100,13 +100,35 @@ def example_models(tmp_path_factory, minilm_path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def examples_server(example_models, tmp_path_factory):
-    """One server for the client and README examples: the embedder (the default model), a
-    reranker, a classifier, a reward model, CLIP, a SPLADE model, a token classifier, a ColBERT
-    model and a BGE-M3; gRPC and the HTTP/JSON routes."""
+def example_adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter in peft's layout for the bundled embedder, served as "tuned": random
+    rank-4 updates of its last layer's query and value."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    directory = tmp_path_factory.mktemp("example-adapter")
+    generator = torch.Generator().manual_seed(0)
+    save_file({f"base_model.model.encoder.layer.5.attention.self.{module}.lora_{part}.weight":
+               torch.randn(shape, generator=generator) * 0.1
+               for module in ("query", "value") for part, shape in (("A", (4, 384)),
+                                                                     ("B", (384, 4)))},
+              str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
+         "base_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def examples_server(example_models, example_adapter, tmp_path_factory):
+    """One server for the client and README examples: the embedder (the default model, with a
+    LoRA adapter "tuned"), a reranker, a classifier, a reward model, CLIP, a SPLADE model, a
+    token classifier, a ColBERT model and a BGE-M3; gRPC and the HTTP/JSON routes."""
     models = [arg for name, path in example_models.items() for arg in ("--model", f"{name}={path}")]
     srv = ServerProcess(tmp_path_factory.mktemp("examples") / "server.log", *models,
-                        "--http-port", "-1").wait_ready()
+                        "--lora", f"tuned={example_adapter}", "--http-port", "-1").wait_ready()
     yield srv
     assert srv.terminate() == 0, srv.log()
 

@@ -186,6 +186,7 @@ def test_the_status_table():
     assert ERROR_TABLE == {
         errors.InvalidInputError: (INVALID, 400),
         errors.ModelNotFoundError: (grpc.StatusCode.NOT_FOUND, 404),
+        errors.AdapterNotFoundError: (grpc.StatusCode.NOT_FOUND, 404),
         errors.TooLargeError: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
         errors.OverloadedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
         errors.UnsupportedError: (grpc.StatusCode.UNIMPLEMENTED, 501),

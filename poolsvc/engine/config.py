@@ -55,6 +55,29 @@ class ModelSpec:
             raise ConfigError(f"model name {self.name!r} may only use letters, digits and ._/:-")
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """`--lora NAME=PATH`: a LoRA adapter in peft's layout, served with the default model;
+    requests name it in their `adapter` field (or, as vLLM serves LoRA modules, as `model`)."""
+
+    name: str
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        name, sep, path = text.partition("=")
+        if not sep:
+            raise ConfigError(f"--lora takes NAME=PATH (a peft adapter directory), got {text!r}")
+        return cls(name.strip(), path.strip())
+
+    def __post_init__(self):
+        if not _NAME.match(self.name):
+            raise ConfigError(f"adapter name {self.name!r} may only use letters, digits and "
+                              "._/:-")
+        if not self.path:
+            raise ConfigError(f"--lora {self.name}= needs the adapter's directory")
+
+
 # Path components that name no model: a hub cache's snapshot hashes, and generic folder names.
 _GENERIC_DIRS = {"model", "models", "snapshots", "checkpoint", "checkpoints", "final", "latest",
                  "main", "weights", "hf", "huggingface", "transformers", "onnx", ""}
@@ -249,6 +272,11 @@ class EngineConfig:
         "repeatable", default=(),
         meta={"flag": "--pooler-config", "repeat": PoolerOverride.parse,
               "metavar": "[NAME=]JSON"})
+    loras: tuple[LoraSpec, ...] = option(
+        "NAME=PATH of a LoRA adapter (a peft directory: adapter_config.json and "
+        "adapter_model.safetensors) served with the default model; requests select it by its "
+        "name in `adapter` (HTTP: `model`). Repeatable; one batch mixes adapters", default=(),
+        meta={"flag": "--lora", "repeat": LoraSpec.parse, "metavar": "NAME=PATH"})
     device: str = option("torch device: auto (cuda when available), cpu, cuda, cuda:N",
                          default="auto")
     dtype: str = option("compute dtype: auto (float32 on CPU, float16 on CUDA), float32, "
@@ -277,6 +305,11 @@ class EngineConfig:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ConfigError(f"served model names must be unique, got {names}: use NAME=PATH")
+        adapters = [a.name for a in self.loras]
+        if len(set(adapters)) != len(adapters):
+            raise ConfigError(f"--lora names must be unique, got {adapters}")
+        if clash := sorted(set(adapters) & set(names)):
+            raise ConfigError(f"--lora names {clash} are also model names; name adapters apart")
         for override in self.pooler_configs:
             if override.model and override.model not in names:
                 raise ConfigError(f"--pooler-config names model {override.model!r}, which is "

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from poolsvc.engine.layers import FUSED_GELU, activation, qkv_attention
+from poolsvc.engine.lora import adapted
 from poolsvc.engine.models.bert import BertForMaskedLM, BertLayer, BertModel
 from poolsvc.engine.models.distilbert import DistilBertModel, TransformerBlock
 from poolsvc.engine.models.modernbert import ModernBertEncoderLayer, ModernBertModel, attend
@@ -241,9 +242,12 @@ def optimize(module: nn.Module) -> int:
 
 
 def _fuse(layers: nn.ModuleList, fused, hidden_act: str) -> int:
-    """Replaces each layer by `fused(layer, hidden_act)`; returns the matrix products made."""
+    """Replaces each layer by `fused(layer, hidden_act)`, except layers with LoRA adapters (a
+    fused layer concatenates its linear layers' weights; _pack_linears packs theirs inside
+    their adapter wrappers); returns the matrix products made."""
     for i, layer in enumerate(layers):
-        layers[i] = fused(layer, hidden_act)
+        if not adapted(layer):
+            layers[i] = fused(layer, hidden_act)
     return sum(isinstance(m, PackedLinear) for m in layers.modules())
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from poolsvc.engine.config import PoolerConfig
-from poolsvc.engine.errors import InvalidInputError
+from poolsvc.engine.errors import AdapterNotFoundError, InvalidInputError, quoted
 from poolsvc.engine.params import (
     Activation,
     EmbeddingType,
@@ -30,6 +30,16 @@ class Kind(enum.Enum):
     REWARD = "reward"              # a head on every token
     SPARSE = "sparse"              # a masked LM's vocabulary logits per token, SPLADE-pooled
     MULTI_VECTOR = "multi-vector"  # ColBERT: a projected, normalized vector per token (MaxSim)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A LoRA adapter served with a model (--lora)."""
+
+    name: str
+    source: str                      # its directory
+    rank: int
+    target_modules: tuple[str, ...]  # the kinds of layer it changes: "query", "v_proj" ...
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,21 @@ class ModelDescription:
     late_interaction: LateInteraction | None = None
     # BGE-M3: the width of its token vectors (colbert_linear); 0 for other models
     multi_vector_dimensions: int = 0
+    # LoRA adapters served with this model (--lora); adapter slot i + 1 is adapters[i]
+    adapters: tuple[AdapterInfo, ...] = ()
+
+    def adapter_slot(self, name: str) -> int:
+        """The slot of the adapter a request names (0, the base model, for ""); raises
+        AdapterNotFoundError naming the served adapters."""
+        if not name:
+            return 0
+        for slot, adapter in enumerate(self.adapters, start=1):
+            if adapter.name == name:
+                return slot
+        served = ", ".join(a.name for a in self.adapters) or "none"
+        raise AdapterNotFoundError(f"adapter {quoted(name)} is not served with model "
+                                   f"{self.name!r}; its adapters: {served} (adapters load at "
+                                   "start: --lora NAME=PATH, or LLM(loras={NAME: PATH}))")
 
     # --- tasks -----------------------------------------------------------------------------------
 

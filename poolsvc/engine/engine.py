@@ -91,13 +91,19 @@ class Engine:
                                allow_pickle=self.config.allow_pickle_weights,
                                quantize=self.config.quantize,
                                use_kernels=not self.config.disable_kernels,
-                               max_model_len=self.config.max_model_len)
+                               max_model_len=self.config.max_model_len,
+                               adapters=self.config.loras if i == 0 else ())
             longest = model.description.max_input_tokens
             if longest > self.config.max_batch_tokens:
                 raise ConfigError(
                     f"--max-batch-tokens {self.config.max_batch_tokens} is below {model.name}'s "
                     f"{longest}-token input limit: a longest input would never fit")
-            for key in (model.name, *model.description.aliases):
+            adapters = tuple(a.name for a in model.description.adapters)
+            if clash := sorted(set(adapters) & set(self._models)):
+                raise ConfigError(f"--lora names {clash} are also names of a served model; "
+                                  "name adapters apart")
+            # an adapter's name selects its model too (vLLM serves LoRA modules as models)
+            for key in (model.name, *model.description.aliases, *adapters):
                 self._models.setdefault(key, model)
             self._served.append(model)
             model.warm_up()
@@ -161,7 +167,7 @@ class Engine:
     def _submit(self, request: PoolingRequest, ticket: Ticket) -> Future:
         if not self.ready:
             raise UnavailableError("the server is not serving (loading or shutting down); retry")
-        model = self.served(request.model)
+        model, adapter = self._target(request)
         desc = model.description
         options = options_for(request, desc)
         inputs = model_inputs(model, request, self.limits, self.config.auto_truncate)
@@ -180,7 +186,7 @@ class Engine:
                         token_strings=model.tokenizer.token_strings
                         if request.sparse.return_tokens else None, offsets=inputs.offsets,
                         attended=inputs.attended, kept=inputs.kept, maxsim=maxsim,
-                        m3=model.m3 if options.outputs is not None else None)
+                        m3=model.m3 if options.outputs is not None else None, adapter=adapter)
         limit = self.limits.max_response_bytes
         if limit is not None and (size := response_bytes(state, desc)) > limit:
             raise TooLargeError(
@@ -205,6 +211,17 @@ class Engine:
             [prefix + t for t in texts], limit, cut, truncation.side,
             add_special_tokens=add_special_tokens, offsets=offsets)
 
+    def _target(self, request: PoolingRequest) -> tuple[ServedModel, int]:
+        """The model a request runs on and the slot of its LoRA adapter (0: none). `model` may
+        name an adapter, as vLLM serves LoRA modules under their own names."""
+        model = self.served(request.model)
+        named = request.model if request.model in (
+            a.name for a in model.description.adapters) else ""
+        if named and request.adapter and request.adapter != named:
+            raise InvalidInputError(f"model names adapter {quoted(named)} and adapter names "
+                                    f"{quoted(request.adapter)}: name one")
+        return model, model.description.adapter_slot(request.adapter or named)
+
     def served(self, name: str) -> ServedModel:
         """The loaded model `name` (its backend, tokenizer and device work)."""
         if not self._served:
@@ -215,8 +232,10 @@ class Engine:
             return self._models[name]
         except KeyError:
             known = ", ".join(m.name for m in self._served)
+            adapters = ", ".join(a.name for m in self._served for a in m.description.adapters)
             raise ModelNotFoundError(
-                f"model {quoted(name)} is not served here; served: {known}") from None
+                f"model {quoted(name)} is not served here; served: {known}"
+                + (f"; adapters: {adapters}" if adapters else "")) from None
 
     def _enqueue(self, model: ServedModel, state: Request, ticket: Ticket) -> Future:
         deadline = state.deadline_ns

@@ -46,6 +46,10 @@ class ModelNotFoundError(EngineError):
     """The request names a model this server does not serve."""
 
 
+class AdapterNotFoundError(ModelNotFoundError):
+    """The request's `adapter` names a LoRA adapter the model is not served with."""
+
+
 class OverloadedError(EngineError):
     """A capacity limit is reached; retrying later may succeed."""
 

@@ -18,6 +18,7 @@ from poolsvc.engine.config import (
     BUNDLED_MODEL,
     EngineConfig,
     Limits,
+    LoraSpec,
     ModelSpec,
     PoolerConfig,
     PoolerOverride,
@@ -53,7 +54,20 @@ _DTYPES = {"half": "float16", "float": "float32", "bfloat16": "bfloat16", "float
 # vLLM LLM(...) arguments with no meaning here (its scheduler, CUDA graphs, parallelism): taken
 # and ignored only at the value that asks for nothing.
 _VLLM_NO_OPS = {"runner": "pooling", "enforce_eager": None, "tensor_parallel_size": 1,
-                "trust_remote_code": False, "gpu_memory_utilization": None, "seed": None}
+                "trust_remote_code": False, "gpu_memory_utilization": None, "seed": None,
+                "enable_lora": None, "max_lora_rank": None, "max_loras": None}
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's LoRARequest: the adapter a call runs with (`lora_request=`). Adapters are loaded
+    with the LLM (`LLM(model, loras={name: path})`), where their fit with the model is checked;
+    a call names one by `lora_name` (or passes the name alone). vLLM's own LoRARequest works
+    too."""
+
+    lora_name: str
+    lora_int_id: int = 0
+    lora_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,8 +135,10 @@ class LLM:
     `model`: a directory or hub id (default: the bundled all-MiniLM-L6-v2). `task`: "auto", or a
     task the model must serve ("embed", "classify", "score", "reward", ...). `pooler_config`:
     a dict or PoolerConfig, as the server's --pooler-config. `max_model_len`: the longest input
-    in tokens. Other keyword arguments are EngineConfig fields (device, dtype, max_batch_tokens,
-    ...) or Limits fields (max_image_pixels, ...)."""
+    in tokens. `loras`: LoRA adapters (peft directories) to serve, {name: path} or LoRARequests;
+    each call then takes `lora_request=` (a name or a LoRARequest). Other keyword arguments are
+    EngineConfig fields (device, dtype, max_batch_tokens, ...) or Limits fields
+    (max_image_pixels, ...)."""
 
     def __init__(self, model: str | None = None, task: str = "auto",
                  pooler_config: dict | PoolerConfig | None = None, **kwargs):
@@ -130,6 +146,8 @@ class LLM:
         override = kwargs.pop("override_pooler_config", None)
         pooler_config = pooler_config if pooler_config is not None else override
         kwargs = _vllm_arguments(kwargs)
+        if "loras" in kwargs:
+            kwargs["loras"] = _lora_specs(kwargs["loras"])
         overrides = ()
         if pooler_config is not None:
             if isinstance(pooler_config, dict):
@@ -154,14 +172,16 @@ class LLM:
     def embed(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
               prompt_name: str = "", tokenization_kwargs: dict | None = None,
               use_tqdm: bool = False, sparse_top_k: int = 0, return_tokens: bool = False,
-              embedding_types: tuple[str, ...] = ()) -> list[EmbeddingRequestOutput]:
+              embedding_types: tuple[str, ...] = (),
+              lora_request=None) -> list[EmbeddingRequestOutput]:
         """One output per prompt, in order. A prompt is a string, {"prompt": str}, or
         {"prompt_token_ids": [...]}. `truncate_prompt_tokens`: k keeps k tokens, -1 the model's
         maximum; None rejects over-long prompts. Sparse models: `sparse_top_k` keeps the k
         largest weights, `return_tokens` adds the tokens' strings (`outputs.sparse`). Models
         with several embeddings (BGE-M3): `embedding_types` ("dense", "sparse", "multi_vector")
         fills `outputs.embedding`, `outputs.sparse` and `outputs.multi_vector` from one forward
-        pass."""
+        pass. `lora_request`: the LoRA adapter to run with (a name or a LoRARequest; None: the
+        base model), in every method."""
         try:
             types = frozenset(EmbeddingType(t) for t in embedding_types)
         except ValueError:
@@ -170,34 +190,35 @@ class LLM:
         outs = self._run(Task.EMBED, prompts, pooling_params, truncate_prompt_tokens,
                          tokenization_kwargs, use_tqdm, prompt=PromptOptions(name=prompt_name),
                          sparse=SparseOptions(sparse_top_k, return_tokens),
-                         embedding_types=types)
+                         embedding_types=types, lora_request=lora_request)
         return _wrap(EmbeddingRequestOutput, outs, _embeddings)
 
     def classify(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
-                 tokenization_kwargs: dict | None = None,
-                 use_tqdm: bool = False) -> list[ClassificationRequestOutput]:
+                 tokenization_kwargs: dict | None = None, use_tqdm: bool = False,
+                 lora_request=None) -> list[ClassificationRequestOutput]:
         outs = self._run(Task.CLASSIFY, prompts, pooling_params, truncate_prompt_tokens,
-                         tokenization_kwargs, use_tqdm)
+                         tokenization_kwargs, use_tqdm, lora_request=lora_request)
         return _wrap(ClassificationRequestOutput, outs,
                      lambda o: [ClassificationOutput(row.tolist()) for row in o.probs])
 
     def score(self, data_1, data_2, pooling_params=None, *,
               truncate_prompt_tokens: int | None = None, tokenization_kwargs: dict | None = None,
-              use_tqdm: bool = False,
-              hybrid_weights: dict[str, float] | None = None) -> list[ScoringRequestOutput]:
+              use_tqdm: bool = False, hybrid_weights: dict[str, float] | None = None,
+              lora_request=None) -> list[ScoringRequestOutput]:
         """Scores pairs: one text against many, many against one, or two equal-length lists.
         Models with several embeddings (BGE-M3): `hybrid_weights` {"dense": w, "sparse": w,
         "multi_vector": w} mixes their scores as BGEM3FlagModel.compute_score does."""
         hybrid = None if hybrid_weights is None else HybridWeights(**hybrid_weights)
         outs = self._run(Task.SCORE, data_1, pooling_params, truncate_prompt_tokens,
-                         tokenization_kwargs, use_tqdm, documents=data_2, hybrid=hybrid)
+                         tokenization_kwargs, use_tqdm, documents=data_2, hybrid=hybrid,
+                         lora_request=lora_request)
         return _wrap(ScoringRequestOutput, outs,
                      lambda o: [ScoringOutput(float(s)) for s in o.scores])
 
     def encode(self, prompts, pooling_params=None, *, pooling_task: str | None = None,
                truncate_prompt_tokens: int | None = None, tokenization_kwargs: dict | None = None,
-               use_tqdm: bool = False,
-               input_role: str | None = None) -> list[PoolingRequestOutput[PoolingOutput]]:
+               use_tqdm: bool = False, input_role: str | None = None,
+               lora_request=None) -> list[PoolingRequestOutput[PoolingOutput]]:
         """The raw pooled output of `pooling_task` (default: the model's per-token task).
         Multi-vector (ColBERT) models: `input_role` "query" or "document" (the default) encodes
         the prompts as that side, and each output is its [tokens, D] vectors."""
@@ -210,16 +231,18 @@ class LLM:
                 raise ValueError(f"input_role must be 'query' or 'document'; got "
                                  f"{input_role!r}") from None
         outs = self._run(task, prompts, pooling_params, truncate_prompt_tokens,
-                         tokenization_kwargs, use_tqdm, raw=True, role=role)
+                         tokenization_kwargs, use_tqdm, raw=True, role=role,
+                         lora_request=lora_request)
         return _wrap(PoolingRequestOutput, outs,
                      lambda o: [PoolingOutput(torch.from_numpy(a)) for a in o.outputs])
 
     def reward(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
-               tokenization_kwargs: dict | None = None,
-               use_tqdm: bool = False) -> list[PoolingRequestOutput[PoolingOutput]]:
+               tokenization_kwargs: dict | None = None, use_tqdm: bool = False,
+               lora_request=None) -> list[PoolingRequestOutput[PoolingOutput]]:
         return self.encode(prompts, pooling_params, pooling_task="reward",
                            truncate_prompt_tokens=truncate_prompt_tokens,
-                           tokenization_kwargs=tokenization_kwargs, use_tqdm=use_tqdm)
+                           tokenization_kwargs=tokenization_kwargs, use_tqdm=use_tqdm,
+                           lora_request=lora_request)
 
     def close(self) -> None:
         self.engine.shutdown()
@@ -237,20 +260,23 @@ class LLM:
              prompt: PromptOptions = PromptOptions(), raw: bool = False,
              sparse: SparseOptions = SparseOptions(), role: InputRole | None = None,
              embedding_types: frozenset[EmbeddingType] = frozenset(),
-             hybrid: HybridWeights | None = None) -> list[tuple[Output, list[int]]]:
+             hybrid: HybridWeights | None = None,
+             lora_request=None) -> list[tuple[Output, list[int]]]:
         """Submits the call as requests of at most _SLICE prompts (or pairs) sharing their
         PoolingParams, all at once; returns each request's output with the positions, in the
         call, of the prompts (or pairs) it answers."""
         inputs = _inputs(prompts)
         docs = None if documents is None else _inputs(documents)
         params = _params(pooling_params, len(inputs) if docs is None else 1)
+        adapter = _adapter_name(lora_request)
         requests, positions = [], []
         for group in sorted(set(params), key=params.index):
             members = [i for i, p in enumerate(params) if p == group] if len(params) > 1 \
                 else list(range(len(inputs)))
             truncation = _truncation(truncate_prompt_tokens, group, tokenization_kwargs)
             for queries, docs_slice, places in _slices(inputs, docs, members):
-                requests.append(PoolingRequest(task, queries, docs_slice, params=group,
+                requests.append(PoolingRequest(task, queries, docs_slice, adapter=adapter,
+                                               params=group,
                                                truncation=truncation, prompt=prompt, raw=raw,
                                                sparse=sparse, role=role,
                                                embedding_types=embedding_types, hybrid=hybrid))
@@ -279,6 +305,37 @@ def _embeddings(out: Output) -> list[EmbeddingOutput]:
     if isinstance(out, SparseEmbedOutput):
         return [EmbeddingOutput(v.dense(out.vocab_size).tolist(), v) for v in out.vectors]
     return [EmbeddingOutput(row.tolist()) for row in out.embeddings]
+
+
+def _lora_specs(loras) -> tuple[LoraSpec, ...]:
+    """LLM(loras=...): {name: path}, or LoraSpecs, "NAME=PATH" strings or LoRARequests."""
+    if isinstance(loras, dict):
+        return tuple(LoraSpec(str(name), str(path)) for name, path in loras.items())
+    specs = []
+    for item in loras:
+        if isinstance(item, LoraSpec):
+            specs.append(item)
+        elif isinstance(item, str):
+            specs.append(LoraSpec.parse(item))
+        elif hasattr(item, "lora_name") and getattr(item, "lora_path", ""):
+            specs.append(LoraSpec(item.lora_name, str(item.lora_path)))
+        else:
+            raise ValueError(f"loras takes {{name: path}}, 'NAME=PATH' strings or LoRARequests "
+                             f"with a lora_path; got {item!r}")
+    return tuple(specs)
+
+
+def _adapter_name(lora_request) -> str:
+    """A call's lora_request as the adapter's name: "" (the base model) for None."""
+    if lora_request is None:
+        return ""
+    if isinstance(lora_request, str):
+        return lora_request
+    name = getattr(lora_request, "lora_name", None)
+    if not isinstance(name, str):
+        raise ValueError(f"lora_request takes an adapter's name or a LoRARequest; got "
+                         f"{lora_request!r}")
+    return name
 
 
 def _vllm_arguments(kwargs: dict) -> dict:
@@ -382,6 +439,7 @@ def _wrap(cls, outs: list[tuple[Output, list[int]]], results) -> list:
     return [wrapped[i] for i in sorted(wrapped)]
 
 
-__all__ = ["LLM", "PoolingOutput", "EmbeddingOutput", "ClassificationOutput", "ScoringOutput",
+__all__ = ["LLM", "LoRARequest", "PoolingOutput", "EmbeddingOutput", "ClassificationOutput",
+           "ScoringOutput",
            "PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationRequestOutput",
            "ScoringRequestOutput", "PoolingParams"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from poolsvc.engine import cpu, fused
+from poolsvc.engine import cpu, fused, lora
 from poolsvc.engine.backend import Backend
 from poolsvc.engine.bge_m3 import BGEM3, M3Layout, read_heads
 from poolsvc.engine.bge_m3 import HEADS as BGE_M3_HEADS
@@ -18,10 +18,11 @@ from poolsvc.engine.config import (
     BUNDLED_HUB_ID,
     BUNDLED_MODEL,
     BUNDLED_NAME,
+    LoraSpec,
     ModelSpec,
     PoolerConfig,
 )
-from poolsvc.engine.description import Kind, ModelDescription
+from poolsvc.engine.description import AdapterInfo, Kind, ModelDescription
 from poolsvc.engine.errors import ModelLoadError
 from poolsvc.engine.late_interaction import LateInteractionEncoder, special_token_ids
 from poolsvc.engine.model_files import DenseSpec, ModelFiles, read_model_files
@@ -132,12 +133,18 @@ def fill_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
 
 def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_default: bool,
                pooler_config: PoolerConfig, allow_pickle: bool = False, quantize: str = "none",
-               use_kernels: bool = True, max_model_len: int = 0) -> ServedModel:
-    """The model `spec` names, on `device` in `dtype`, ready to serve."""
+               use_kernels: bool = True, max_model_len: int = 0,
+               adapters: tuple[LoraSpec, ...] = ()) -> ServedModel:
+    """The model `spec` names, on `device` in `dtype`, ready to serve, with the LoRA
+    `adapters` (peft directories) as slots 1, 2, ..."""
     path, aliases = resolve(spec.source, allow_pickle)
     files = read_model_files(path, spec.source, aliases)
     hf_tokenizer = load_hf_tokenizer(files.path, files.lowercase)
+    adapter_infos: tuple[AdapterInfo, ...] = ()
     if files.architecture in dual.ARCHITECTURES:
+        if adapters:
+            raise ModelLoadError(f"{spec.name}: LoRA adapters (--lora) are served on poolsvc's "
+                                 "packed models only, not on CLIP / SigLIP")
         if quantize != "none":
             raise ModelLoadError(f"{spec.name}: --quantize does not apply to CLIP / SigLIP")
         backend = dual.load(files, allow_pickle, dtype, device)
@@ -146,6 +153,7 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
     else:
         backend, implementation = _build_backend(files, allow_pickle, _splade(files,
                                                                               pooler_config))
+        body = backend
         reranker = reranker_config(files.architecture, spec.source, pooler_config)
         if reranker is not None:
             template, answers = reranker
@@ -155,6 +163,9 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
         elif (heads := read_heads(files.path)) is not None:  # BGE-M3's sparse and colbert heads
             backend = BGEM3(backend, *heads)
         backend = backend.to(device=device, dtype=dtype).eval()
+        if adapters:  # before int8 and oneDNN, which then replace the layers inside its wrappers
+            adapter_infos = _attach_adapters(spec, files, body, implementation, adapters, device,
+                                             dtype)
         if quantize == "int8":
             if device.type != "cpu":
                 raise ModelLoadError("--quantize int8 is a CPU option; on GPUs use --dtype "
@@ -182,6 +193,7 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
     description = _describe(spec, files, backend, dense, pooler_config, is_default=is_default,
                             implementation=implementation, device=device, dtype=dtype,
                             vocab_size=vocab_size, logit=logit, max_model_len=max_model_len)
+    description = dataclasses.replace(description, adapters=adapter_infos)
     if isinstance(backend, AnswerReranker):
         description = dataclasses.replace(description, score_template=template)
     m3 = None
@@ -205,6 +217,22 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
              description.max_input_tokens, description.pooling_type.value,
              description.compute_dtype, device)
     return model
+
+
+def _attach_adapters(spec: ModelSpec, files: ModelFiles, body: Backend, implementation: str,
+                     specs: tuple[LoraSpec, ...], device: torch.device,
+                     dtype: torch.dtype) -> tuple[AdapterInfo, ...]:
+    """Reads each adapter, checks it was made for this model, and serves them all on `body`."""
+    if implementation != "poolsvc":
+        raise ModelLoadError(f"{spec.name}: {files.architecture} runs on the transformers "
+                             "fallback, which does not serve LoRA adapters (--lora); adapters "
+                             "need one of poolsvc's packed architectures (the README's "
+                             "architecture table)")
+    adapters = [lora.read_adapter(s) for s in specs]
+    for adapter in adapters:
+        lora.check_base(adapter, spec.name, files.source, files.aliases, files.path)
+    lora.attach_adapters(body, adapters, device, dtype)
+    return tuple(a.info() for a in adapters)
 
 
 def _answer_ids(files: ModelFiles, tokenizer, answers: tuple[str, ...]) -> tuple[int, ...]:

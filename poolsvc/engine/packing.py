@@ -11,6 +11,8 @@ import torch
 
 # CPU attention pads sequences of similar length together; a bucket may waste this fraction.
 BUCKET_SLACK = 0.1
+# Per LoRA adapter slot in a batch: its packed rows, a slice when they are one run.
+AdapterRows = tuple[tuple[int, slice | torch.Tensor], ...]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,30 @@ class PackedBatch:
     # Per sequence, how many of its first tokens are attended to (keys); the rest still attend
     # (ColBERT's query expansion tokens). None: every token.
     key_lens: tuple[int, ...] | None = None
+    # Per sequence, the slot of the LoRA adapter it runs with (engine/lora.py); 0 is the base
+    # model. None: every sequence runs on the base model.
+    adapters: tuple[int, ...] | None = None
+
+    @cached_property
+    def adapter_rows(self) -> AdapterRows:
+        """Per adapter slot in the batch (not the base model's 0), the rows of its sequences,
+        in slot order; built on first use and shared by every adapted layer."""
+        if self.adapters is None:
+            return ()
+        cu = list(accumulate(self.prompt_lens, initial=0))
+        members: dict[int, list[int]] = {}
+        for i, slot in enumerate(self.adapters):
+            if slot:
+                members.setdefault(slot, []).append(i)
+        out = []
+        for slot in sorted(members):
+            seqs = members[slot]
+            if seqs[-1] - seqs[0] == len(seqs) - 1:  # consecutive sequences: one run of rows
+                out.append((slot, slice(cu[seqs[0]], cu[seqs[-1] + 1])))
+            else:
+                rows = np.concatenate([np.arange(cu[i], cu[i + 1]) for i in seqs])
+                out.append((slot, torch.from_numpy(rows).to(self.input_ids.device)))
+        return tuple(out)
 
     @cached_property
     def buckets(self) -> tuple[AttentionBucket, ...]:
@@ -101,21 +127,24 @@ class PackedBatch:
         perm_t = torch.from_numpy(perm).to(device)
         sorted_cu = np.fromiter(accumulate(lens[order], initial=0), dtype=np.int32)
         keys = None if self.key_lens is None else tuple(self.key_lens[i] for i in order)
+        adapters = None if self.adapters is None else tuple(self.adapters[i] for i in order)
         return (PackedBatch(input_ids=self.input_ids[perm_t], positions=self.positions[perm_t],
                             token_type_ids=self.token_type_ids[perm_t],
                             cu_seqlens=torch.from_numpy(sorted_cu).to(device),
                             prompt_lens=tuple(int(n) for n in lens[order]),
-                            max_seqlen=self.max_seqlen, key_lens=keys),
+                            max_seqlen=self.max_seqlen, key_lens=keys, adapters=adapters),
                 torch.from_numpy(rows).to(device))
 
     def _rows(self, cu: list[int], first: int, stop: int) -> PackedBatch:
         rows = slice(cu[first], cu[stop])
         lens = self.prompt_lens[first:stop]
         keys = None if self.key_lens is None else self.key_lens[first:stop]
+        adapters = None if self.adapters is None else self.adapters[first:stop]
         return PackedBatch(input_ids=self.input_ids[rows], positions=self.positions[rows],
                            token_type_ids=self.token_type_ids[rows],
                            cu_seqlens=self.cu_seqlens[first:stop + 1] - cu[first],
-                           prompt_lens=lens, max_seqlen=max(lens), key_lens=keys)
+                           prompt_lens=lens, max_seqlen=max(lens), key_lens=keys,
+                           adapters=adapters)
 
     @property
     def num_seqs(self) -> int:
@@ -130,12 +159,14 @@ class PackedBatch:
               device: torch.device, position_offset: int = 0,
               pixels: list[torch.Tensor | None] | None = None,
               pixel_dtype: torch.dtype = torch.float32,
-              key_lens: list[int] | None = None) -> PackedBatch:
+              key_lens: list[int] | None = None,
+              adapters: list[int] | None = None) -> PackedBatch:
         """Packs on the host with numpy, then one copy per tensor to the device.
 
         `position_offset` shifts position ids (RoBERTa counts positions from padding_idx + 1).
         `pixels`: per sequence, an image's [3, H, W] pixels (its token ids are empty) or None.
         `key_lens`: per sequence, how many of its first tokens are attended to (None: all).
+        `adapters`: per sequence, its LoRA adapter's slot (None, or all 0: the base model).
         """
         lens = [len(t) for t in token_ids]
         cu = np.fromiter(accumulate(lens, initial=0), dtype=np.int64, count=len(lens) + 1)
@@ -165,7 +196,8 @@ class PackedBatch:
                    prompt_lens=tuple(lens), max_seqlen=max_seqlen,
                    is_image=is_image or (False,) * len(lens), pixel_values=pixel_values,
                    key_lens=None if key_lens is None or list(key_lens) == lens
-                   else tuple(key_lens))
+                   else tuple(key_lens),
+                   adapters=tuple(adapters) if adapters is not None and any(adapters) else None)
 
 
 def _group_by_length(lens: tuple[int, ...]) -> list[list[int]]:

@@ -41,6 +41,9 @@ class PoolingRequest:
     inputs: tuple[Prompt, ...]
     documents: tuple[Prompt, ...] = ()
     model: str = ""                  # a served name or alias; "": the default model
+    # a LoRA adapter served with the model (--lora); "": the base model. `model` may name an
+    # adapter instead, as vLLM serves LoRA modules under their own model names.
+    adapter: str = ""
     params: PoolingParams = PoolingParams()
     truncation: Truncation = Truncation()
     prompt: PromptOptions = PromptOptions()

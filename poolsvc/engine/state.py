@@ -45,6 +45,7 @@ class Request:
     kept: list[Any] | None = None        # per input: numpy row indices, or None
     maxsim: str | None = None
     m3: Any = None                       # BGE-M3 outputs: their M3Layout (engine/bge_m3.py)
+    adapter: int = 0                     # the slot of its LoRA adapter (0: the base model)
     tokenized_ns: int = field(default_factory=now_ns)
     started_ns: int = 0
     future: Future = field(default_factory=Future)
@@ -80,18 +81,20 @@ class Request:
         for i, ids in enumerate(self.token_ids):
             if self.pixels is not None and self.pixels[i] is not None:
                 seqs.append(Sequence(self, i, ids, self.options, None, self.pixels[i],
-                                     self.image_tokens))
+                                     self.image_tokens, adapter=self.adapter))
             elif self.chunked(i):
                 types = self.token_type_ids[i] if self.token_type_ids is not None else None
                 raw = self.options.for_chunks()
                 for start in range(0, len(ids), self.chunk_size):
                     end = start + self.chunk_size
                     seqs.append(Sequence(self, i, ids[start:end], raw,
-                                         types[start:end] if types else None))
+                                         types[start:end] if types else None,
+                                         adapter=self.adapter))
             else:
                 types = self.token_type_ids[i] if self.token_type_ids is not None else None
                 attended = self.attended[i] if self.attended is not None else None
-                seqs.append(Sequence(self, i, ids, self.options, types, attended=attended))
+                seqs.append(Sequence(self, i, ids, self.options, types, attended=attended,
+                                     adapter=self.adapter))
         self.remaining = len(seqs)
         return seqs
 
@@ -140,6 +143,7 @@ class Sequence:
     pixels: torch.Tensor | None = None   # an image input instead of tokens
     image_tokens: int = 0                # its cost in the batch's token budget
     attended: int | None = None          # how many of its first tokens are attended to
+    adapter: int = 0                     # its LoRA adapter's slot (0: the base model)
 
     @property
     def num_tokens(self) -> int:

@@ -38,7 +38,7 @@ class EmbedBody(BaseModel):
 
     model_config = STRICT
 
-    model: str = Field(description="a served model's name or alias")
+    model: str = Field(description="a served model's name or alias, or a LoRA adapter's name")
     texts: list[str] = Field(description="the texts to embed")
     input_type: InputType | None = Field(None, description="chooses the model's named prompt")
     embedding_types: list[EmbeddingType] = Field(["float"], min_length=1)

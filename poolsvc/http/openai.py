@@ -31,7 +31,8 @@ class EmbeddingRequest(BaseModel):
 
     input: str | list[str] | list[int] | list[list[int]] = Field(
         description="a text, texts, token ids, or lists of token ids")
-    model: str = Field("", description="a served model's name or alias; empty: the default")
+    model: str = Field("", description="a served model's name or alias, or a LoRA adapter's "
+                       "name; empty: the default")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Matryoshka: keep the first N")
     user: str | None = Field(None, description="accepted and not used")
@@ -80,6 +81,10 @@ def router(front: Front) -> APIRouter:
         data = [{"id": name, "object": "model", "created": stamp, "owned_by": "poolsvc",
                  "root": m.source, "max_model_len": m.max_input_tokens}
                 for m in front.engine.describe() for name in (m.name, *m.aliases)]
+        # LoRA adapters as models of their own, as vLLM lists them: `model` selects one
+        data += [{"id": a.name, "object": "model", "created": stamp, "owned_by": "poolsvc",
+                  "root": a.source, "parent": m.name, "max_model_len": m.max_input_tokens}
+                 for m in front.engine.describe() for a in m.adapters]
         return await front.render(lambda _: {"object": "list", "data": data}, None)
 
     return routes

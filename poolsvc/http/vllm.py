@@ -34,7 +34,8 @@ Texts = str | list[str]
 class _Common(BaseModel):
     model_config = LENIENT
 
-    model: str = Field("", description="a served model's name or alias; empty: the default")
+    model: str = Field("", description="a served model's name or alias, or a LoRA adapter's "
+                       "name; empty: the default")
     truncate_prompt_tokens: int | None = Field(
         None, description="keep this many tokens of each input (-1: the model's maximum)")
     user: str | None = None

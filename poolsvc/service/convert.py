@@ -145,7 +145,8 @@ def embed_request(msg: embed_pb2.EmbedRequest, when: When, limits: Limits) -> Po
     params = PoolingParams(normalize=_optional(msg, "normalize"),
                            dimensions=_optional(msg, "dimensions"),
                            out_dtype=output_dtype(msg.output_dtype))
-    return PoolingRequest(Task.EMBED, inputs(msg.inputs, limits), model=msg.model, params=params,
+    return PoolingRequest(Task.EMBED, inputs(msg.inputs, limits), model=msg.model,
+                          adapter=msg.adapter, params=params,
                           truncation=truncation(msg), prompt=prompt(msg),
                           sparse=SparseOptions(msg.sparse_top_k, msg.return_tokens),
                           embedding_types=embedding_types(msg.embedding_types), **when)
@@ -172,13 +173,15 @@ def classify_request(msg: classify_pb2.ClassifyRequest, when: When,
                      limits: Limits) -> PoolingRequest:
     params = PoolingParams(activation=_optional(msg, "activation"),
                            out_dtype=output_dtype(msg.output_dtype))
-    return PoolingRequest(Task.CLASSIFY, inputs(msg.inputs, limits), model=msg.model, params=params,
-                          truncation=truncation(msg), prompt=prompt(msg), **when)
+    return PoolingRequest(Task.CLASSIFY, inputs(msg.inputs, limits), model=msg.model,
+                          adapter=msg.adapter, params=params, truncation=truncation(msg),
+                          prompt=prompt(msg), **when)
 
 
 def score_request(msg: score_pb2.ScoreRequest, when: When, limits: Limits) -> PoolingRequest:
     return PoolingRequest(Task.SCORE, inputs(msg.queries, limits, "query"),
                           inputs(msg.documents, limits, "document"), model=msg.model,
+                          adapter=msg.adapter,
                           params=PoolingParams(activation=_optional(msg, "activation")),
                           truncation=truncation(msg), hybrid=hybrid(msg), **when)
 
@@ -190,6 +193,7 @@ def rerank_request(msg: score_pb2.RerankRequest, when: When, limits: Limits) -> 
         raise InvalidInputError("rerank needs at least one document")
     return PoolingRequest(Task.SCORE, inputs([msg.query], limits, "query"),
                           inputs(msg.documents, limits, "document"), model=msg.model,
+                          adapter=msg.adapter,
                           params=PoolingParams(activation=_optional(msg, "activation")),
                           truncation=truncation(msg), hybrid=hybrid(msg), **when)
 
@@ -205,8 +209,9 @@ def encode_request(msg: encode_pb2.EncodeRequest, when: When, limits: Limits,
                            out_dtype=output_dtype(msg.output_dtype))
     if msg.input_role not in _ROLES:
         raise InvalidInputError(f"input_role {msg.input_role} is not an InputRole")
-    return PoolingRequest(task, inputs(msg.inputs, limits), model=msg.model, params=params,
-                          truncation=truncation(msg), prompt=prompt(msg), raw=True,
+    return PoolingRequest(task, inputs(msg.inputs, limits), model=msg.model,
+                          adapter=msg.adapter, params=params, truncation=truncation(msg),
+                          prompt=prompt(msg), raw=True,
                           offsets=msg.return_offsets, role=_ROLES[msg.input_role], **when)
 
 

@@ -296,7 +296,10 @@ def model_info(model: ModelDescription) -> model_pb2.ModelInfo:
         prompts=model.prompts, default_prompt_name=model.default_prompt_name or "",
         labels=model.labels,
         modalities=[common_pb2.Modality.Value(f"MODALITY_{m.upper()}") for m in model.modalities],
-        architecture=model.architecture, implementation=model.implementation)
+        architecture=model.architecture, implementation=model.implementation,
+        adapters=[model_pb2.AdapterInfo(name=a.name, source=a.source, rank=a.rank,
+                                        target_modules=a.target_modules)
+                  for a in model.adapters])
 
 
 # Every poolsvc servicer, by the name of the service it implements.

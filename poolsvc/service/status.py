@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import grpc
 
 from poolsvc.engine.errors import (
+    AdapterNotFoundError,
     DeadlineExceededError,
     EngineError,
     InvalidInputError,
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 ERROR_TABLE: dict[type[Exception], tuple[grpc.StatusCode, int]] = {
     InvalidInputError: (grpc.StatusCode.INVALID_ARGUMENT, 400),
     ModelNotFoundError: (grpc.StatusCode.NOT_FOUND, 404),
+    AdapterNotFoundError: (grpc.StatusCode.NOT_FOUND, 404),  # the field `adapter`
     TooLargeError: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),  # split it: a retry cannot help
     OverloadedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),  # retry later
     UnsupportedError: (grpc.StatusCode.UNIMPLEMENTED, 501),

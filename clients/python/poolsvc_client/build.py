@@ -84,7 +84,7 @@ def _truncation(message, truncate: bool | int | None, side: str) -> None:
         message.truncation.max_tokens = truncate
 
 
-def embed_request(texts: Text | Sequence[Text], *, model: str = "",
+def embed_request(texts: Text | Sequence[Text], *, model: str = "", adapter: str = "",
                   normalize: bool | None = None, dimensions: int | None = None,
                   truncate: bool | int | None = None, truncation_side: str = "right",
                   dtype: str = "float32", prompt_name: str = "",
@@ -95,9 +95,12 @@ def embed_request(texts: Text | Sequence[Text], *, model: str = "",
     `truncate`, `truncation_side` ("right", "left"), `dtype` ("float32", "float16", "bfloat16"),
     `prompt_name` (a prompt of the model's config) or `prompt` (a literal prefix); for sparse
     models `sparse_top_k` (the k largest weights; 0: all) and `return_tokens`;
-    `embedding_types` ("dense", "sparse", "multi_vector"; models with several, BGE-M3)."""
+    `embedding_types` ("dense", "sparse", "multi_vector"; models with several, BGE-M3);
+    `adapter`: a LoRA adapter served with the model (every request builder takes it; "": the
+    base model)."""
     request = embed_pb2.EmbedRequest(
-        model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
+        model=model, adapter=adapter, inputs=to_inputs(texts), prompt_name=prompt_name,
+        prompt=prompt,
         output_dtype=_choice("dtype", dtype, DTYPES), sparse_top_k=sparse_top_k,
         return_tokens=return_tokens,
         embedding_types=[_choice("embedding_types", t, EMBEDDING_TYPES)
@@ -110,14 +113,15 @@ def embed_request(texts: Text | Sequence[Text], *, model: str = "",
     return request
 
 
-def classify_request(texts: Text | Sequence[Text], *, model: str = "",
+def classify_request(texts: Text | Sequence[Text], *, model: str = "", adapter: str = "",
                      activation: bool | None = None, truncate: bool | int | None = None,
                      truncation_side: str = "right", dtype: str = "float32",
                      prompt_name: str = "", prompt: str = "") -> classify_pb2.ClassifyRequest:
     """Classify options: `activation` (False: raw logits), and truncation, dtype and prompts as
     embed_request."""
     request = classify_pb2.ClassifyRequest(
-        model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
+        model=model, adapter=adapter, inputs=to_inputs(texts), prompt_name=prompt_name,
+        prompt=prompt,
         output_dtype=_choice("dtype", dtype, DTYPES))
     if activation is not None:
         request.activation = activation
@@ -126,13 +130,13 @@ def classify_request(texts: Text | Sequence[Text], *, model: str = "",
 
 
 def score_request(queries: Text | Sequence[Text], documents: Text | Sequence[Text], *,
-                  model: str = "", activation: bool | None = None,
+                  model: str = "", adapter: str = "", activation: bool | None = None,
                   truncate: bool | int | None = None, truncation_side: str = "right",
                   hybrid_weights: dict[str, float] | None = None) -> score_pb2.ScoreRequest:
     """Pairs 1:N, N:1 or N:N (zipped). `activation` False: a cross-encoder's raw logit, a
     CLIP/SigLIP model's logits. `hybrid_weights` {"dense", "sparse", "multi_vector"}: BGE-M3's
     weighted mix of its three scores."""
-    request = score_pb2.ScoreRequest(model=model, queries=to_inputs(queries),
+    request = score_pb2.ScoreRequest(model=model, adapter=adapter, queries=to_inputs(queries),
                                      documents=to_inputs(documents))
     _hybrid(request, hybrid_weights)
     if activation is not None:
@@ -142,13 +146,13 @@ def score_request(queries: Text | Sequence[Text], documents: Text | Sequence[Tex
 
 
 def rerank_request(query: Text, documents: Text | Sequence[Text], *, model: str = "",
-                   top_n: int = 0, return_documents: bool = False,
+                   adapter: str = "", top_n: int = 0, return_documents: bool = False,
                    activation: bool | None = None, truncate: bool | int | None = None,
                    truncation_side: str = "right",
                    hybrid_weights: dict[str, float] | None = None) -> score_pb2.RerankRequest:
     """`top_n`: keep the best n (0: all); `return_documents`: send each document's text back;
     `hybrid_weights` as score_request."""
-    request = score_pb2.RerankRequest(model=model, query=to_input(query),
+    request = score_pb2.RerankRequest(model=model, adapter=adapter, query=to_input(query),
                                       documents=to_inputs(documents), top_n=top_n,
                                       return_documents=return_documents)
     _hybrid(request, hybrid_weights)
@@ -167,7 +171,8 @@ def _hybrid(request, weights: dict[str, float] | None) -> None:
     request.hybrid_weights.CopyFrom(score_pb2.HybridWeights(**weights))
 
 
-def encode_request(texts: Text | Sequence[Text], *, model: str = "", task: str | None = None,
+def encode_request(texts: Text | Sequence[Text], *, model: str = "", adapter: str = "",
+                   task: str | None = None,
                    normalize: bool | None = None, activation: bool | None = None,
                    truncate: bool | int | None = None, truncation_side: str = "right",
                    dtype: str = "float32", prompt_name: str = "",
@@ -178,7 +183,8 @@ def encode_request(texts: Text | Sequence[Text], *, model: str = "", task: str |
     `input_role`: "query" or "document" (multi-vector models); other options as embed_request
     and classify_request."""
     request = encode_pb2.EncodeRequest(
-        model=model, inputs=to_inputs(texts), prompt_name=prompt_name, prompt=prompt,
+        model=model, adapter=adapter, inputs=to_inputs(texts), prompt_name=prompt_name,
+        prompt=prompt,
         return_offsets=return_offsets,
         input_role=common_pb2.INPUT_ROLE_UNSPECIFIED if input_role is None
         else _choice("input_role", input_role, ROLES),

@@ -51,8 +51,8 @@ class _Api:
     # --- unary RPCs ------------------------------------------------------------------------------
 
     def embed(self, texts: Text | Sequence[Text], **options) -> np.ndarray:
-        """[N, D] embeddings. Options: see build.embed_request (model, normalize, dimensions,
-        truncate, truncation_side, dtype, prompt_name, prompt)."""
+        """[N, D] embeddings. Options: see build.embed_request (model, adapter, normalize,
+        dimensions, truncate, truncation_side, dtype, prompt_name, prompt)."""
         return self._unary(self.embed_stub.Embed, build.embed_request(texts, **options),
                            results.embeddings)
 
@@ -81,27 +81,29 @@ class _Api:
 
     def classify(self, texts: Text | Sequence[Text], **options) -> results.Classification:
         """Class probabilities `.probs` [N, num_labels] and their `.labels`. Options: see
-        build.classify_request (model, activation, truncate, truncation_side, dtype, prompts)."""
+        build.classify_request (model, adapter, activation, truncate, truncation_side, dtype,
+        prompts)."""
         return self._unary(self.classify_stub.Classify, build.classify_request(texts, **options),
                            results.classification)
 
     def score(self, queries: Text | Sequence[Text], documents: Text | Sequence[Text],
               **options) -> np.ndarray:
         """[N] scores of the pairs (1:N, N:1 or N:N): a cross-encoder's relevance, or the cosine
-        of two embeddings. Options: model, activation, truncate, truncation_side."""
+        of two embeddings. Options: model, adapter, activation, truncate, truncation_side."""
         return self._unary(self.score_stub.Score,
                            build.score_request(queries, documents, **options), results.scores)
 
     def rerank(self, query: Text, documents: Text | Sequence[Text],
                **options) -> list[results.RerankResult]:
         """The documents best first, as (index, score, document). Options: model, top_n,
-        return_documents, activation, truncate, truncation_side."""
+        return_documents, activation, truncate, truncation_side, adapter."""
         return self._unary(self.score_stub.Rerank,
                            build.rerank_request(query, documents, **options), results.ranking)
 
     def encode(self, texts: Text | Sequence[Text], **options) -> list[np.ndarray]:
         """One raw output per input (per-token embeddings or classes, rewards). Options: see
-        build.encode_request (model, task, normalize, activation, truncate, dtype, prompts)."""
+        build.encode_request (model, adapter, task, normalize, activation, truncate, dtype,
+        prompts)."""
         return self._unary(self.encode_stub.Encode, build.encode_request(texts, **options),
                            results.encodings)
 

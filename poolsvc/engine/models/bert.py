@@ -102,6 +102,7 @@ class BertAttention(nn.Module):
 
 class BertIntermediate(nn.Module):
     fused = False  # bias + GELU in one kernel after the matrix product (engine/fused.py)
+    fused_reads = ("dense",)  # the fused form reads dense's weight instead of calling it
 
     def __init__(self, cfg: BertConfig):
         super().__init__()

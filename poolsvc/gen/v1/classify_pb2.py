@@ -28,7 +28,7 @@ from poolsvc.gen.v1 import common_pb2 as poolsvc_dot_v1_dot_common__pb2
 from poolsvc.gen.v1 import tensor_pb2 as poolsvc_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19poolsvc/v1/classify.proto\x12\npoolsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17poolsvc/v1/common.proto\x1a\x17poolsvc/v1/tensor.proto\"\xef\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06inputs\x18\x02 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12\x17\n\nactivation\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x31\n\ntruncation\x18\x04 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12*\n\x0coutput_dtype\x18\x05 \x01(\x0e\x32\x14.poolsvc.v1.DataType\x12\x13\n\x0bprompt_name\x18\x06 \x01(\t\x12\x0e\n\x06prompt\x18\x07 \x01(\tB\r\n\x0b_activation\"\x9a\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05probs\x18\x02 \x01(\x0b\x32\x12.poolsvc.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.poolsvc.v1.Usage\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.poolsvc.v1.Timing\"Q\n\x15\x43lassifyStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.poolsvc.v1.ClassifyRequest\"\x8a\x01\n\x16\x43lassifyStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.poolsvc.v1.ClassifyResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.poolsvc.v1.StreamErrorH\x00\x42\x08\n\x06result2\xd6\x01\n\x0f\x43lassifyService\x12\x66\n\x08\x43lassify\x12\x1b.poolsvc.v1.ClassifyRequest\x1a\x1c.poolsvc.v1.ClassifyResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/poolsvc/v1/classify:\x01*\x12[\n\x0e\x43lassifyStream\x12!.poolsvc.v1.ClassifyStreamRequest\x1a\".poolsvc.v1.ClassifyStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19poolsvc/v1/classify.proto\x12\npoolsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17poolsvc/v1/common.proto\x1a\x17poolsvc/v1/tensor.proto\"\x80\x02\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06inputs\x18\x02 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12\x17\n\nactivation\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x31\n\ntruncation\x18\x04 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12*\n\x0coutput_dtype\x18\x05 \x01(\x0e\x32\x14.poolsvc.v1.DataType\x12\x13\n\x0bprompt_name\x18\x06 \x01(\t\x12\x0e\n\x06prompt\x18\x07 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x08 \x01(\tB\r\n\x0b_activation\"\x9a\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05probs\x18\x02 \x01(\x0b\x32\x12.poolsvc.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.poolsvc.v1.Usage\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.poolsvc.v1.Timing\"Q\n\x15\x43lassifyStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.poolsvc.v1.ClassifyRequest\"\x8a\x01\n\x16\x43lassifyStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.poolsvc.v1.ClassifyResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.poolsvc.v1.StreamErrorH\x00\x42\x08\n\x06result2\xd6\x01\n\x0f\x43lassifyService\x12\x66\n\x08\x43lassify\x12\x1b.poolsvc.v1.ClassifyRequest\x1a\x1c.poolsvc.v1.ClassifyResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/poolsvc/v1/classify:\x01*\x12[\n\x0e\x43lassifyStream\x12!.poolsvc.v1.ClassifyStreamRequest\x1a\".poolsvc.v1.ClassifyStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,13 +38,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYSERVICE'].methods_by_name['Classify']._loaded_options = None
   _globals['_CLASSIFYSERVICE'].methods_by_name['Classify']._serialized_options = b'\202\323\344\223\002\031\"\024/poolsvc/v1/classify:\001*'
   _globals['_CLASSIFYREQUEST']._serialized_start=122
-  _globals['_CLASSIFYREQUEST']._serialized_end=361
-  _globals['_CLASSIFYRESPONSE']._serialized_start=364
-  _globals['_CLASSIFYRESPONSE']._serialized_end=518
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=520
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=601
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=604
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=742
-  _globals['_CLASSIFYSERVICE']._serialized_start=745
-  _globals['_CLASSIFYSERVICE']._serialized_end=959
+  _globals['_CLASSIFYREQUEST']._serialized_end=378
+  _globals['_CLASSIFYRESPONSE']._serialized_start=381
+  _globals['_CLASSIFYRESPONSE']._serialized_end=535
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=537
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=618
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=621
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=759
+  _globals['_CLASSIFYSERVICE']._serialized_start=762
+  _globals['_CLASSIFYSERVICE']._serialized_end=976
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,7 @@ from poolsvc.gen.v1 import model_pb2 as poolsvc_dot_v1_dot_model__pb2
 from poolsvc.gen.v1 import tensor_pb2 as poolsvc_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17poolsvc/v1/encode.proto\x12\npoolsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17poolsvc/v1/common.proto\x1a\x16poolsvc/v1/model.proto\x1a\x17poolsvc/v1/tensor.proto\"\xf6\x02\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06inputs\x18\x02 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12\x1e\n\x04task\x18\x03 \x01(\x0e\x32\x10.poolsvc.v1.Task\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nactivation\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x31\n\ntruncation\x18\x06 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12*\n\x0coutput_dtype\x18\x07 \x01(\x0e\x32\x14.poolsvc.v1.DataType\x12\x13\n\x0bprompt_name\x18\x08 \x01(\t\x12\x0e\n\x06prompt\x18\t \x01(\t\x12\x16\n\x0ereturn_offsets\x18\n \x01(\x08\x12)\n\ninput_role\x18\x0b \x01(\x0e\x32\x15.poolsvc.v1.InputRoleB\x0c\n\n_normalizeB\r\n\x0b_activation\"6\n\nTokenSpans\x12(\n\x07offsets\x18\x01 \x03(\x0b\x32\x17.poolsvc.v1.TokenOffset\"\xe3\x01\n\x0e\x45ncodeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1e\n\x04task\x18\x02 \x01(\x0e\x32\x10.poolsvc.v1.Task\x12#\n\x07outputs\x18\x03 \x03(\x0b\x32\x12.poolsvc.v1.Tensor\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.poolsvc.v1.Usage\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.poolsvc.v1.Timing\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\'\n\x07offsets\x18\x07 \x03(\x0b\x32\x16.poolsvc.v1.TokenSpans\"M\n\x13\x45ncodeStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.poolsvc.v1.EncodeRequest\"\x86\x01\n\x14\x45ncodeStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.poolsvc.v1.EncodeResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.poolsvc.v1.StreamErrorH\x00\x42\x08\n\x06result2\xc6\x01\n\rEncodeService\x12^\n\x06\x45ncode\x12\x19.poolsvc.v1.EncodeRequest\x1a\x1a.poolsvc.v1.EncodeResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/poolsvc/v1/encode:\x01*\x12U\n\x0c\x45ncodeStream\x12\x1f.poolsvc.v1.EncodeStreamRequest\x1a .poolsvc.v1.EncodeStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17poolsvc/v1/encode.proto\x12\npoolsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17poolsvc/v1/common.proto\x1a\x16poolsvc/v1/model.proto\x1a\x17poolsvc/v1/tensor.proto\"\x87\x03\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06inputs\x18\x02 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12\x1e\n\x04task\x18\x03 \x01(\x0e\x32\x10.poolsvc.v1.Task\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nactivation\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x31\n\ntruncation\x18\x06 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12*\n\x0coutput_dtype\x18\x07 \x01(\x0e\x32\x14.poolsvc.v1.DataType\x12\x13\n\x0bprompt_name\x18\x08 \x01(\t\x12\x0e\n\x06prompt\x18\t \x01(\t\x12\x16\n\x0ereturn_offsets\x18\n \x01(\x08\x12)\n\ninput_role\x18\x0b \x01(\x0e\x32\x15.poolsvc.v1.InputRole\x12\x0f\n\x07\x61\x64\x61pter\x18\x0c \x01(\tB\x0c\n\n_normalizeB\r\n\x0b_activation\"6\n\nTokenSpans\x12(\n\x07offsets\x18\x01 \x03(\x0b\x32\x17.poolsvc.v1.TokenOffset\"\xe3\x01\n\x0e\x45ncodeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1e\n\x04task\x18\x02 \x01(\x0e\x32\x10.poolsvc.v1.Task\x12#\n\x07outputs\x18\x03 \x03(\x0b\x32\x12.poolsvc.v1.Tensor\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.poolsvc.v1.Usage\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.poolsvc.v1.Timing\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\'\n\x07offsets\x18\x07 \x03(\x0b\x32\x16.poolsvc.v1.TokenSpans\"M\n\x13\x45ncodeStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.poolsvc.v1.EncodeRequest\"\x86\x01\n\x14\x45ncodeStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.poolsvc.v1.EncodeResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.poolsvc.v1.StreamErrorH\x00\x42\x08\n\x06result2\xc6\x01\n\rEncodeService\x12^\n\x06\x45ncode\x12\x19.poolsvc.v1.EncodeRequest\x1a\x1a.poolsvc.v1.EncodeResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/poolsvc/v1/encode:\x01*\x12U\n\x0c\x45ncodeStream\x12\x1f.poolsvc.v1.EncodeStreamRequest\x1a .poolsvc.v1.EncodeStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,15 +39,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODESERVICE'].methods_by_name['Encode']._loaded_options = None
   _globals['_ENCODESERVICE'].methods_by_name['Encode']._serialized_options = b'\202\323\344\223\002\027\"\022/poolsvc/v1/encode:\001*'
   _globals['_ENCODEREQUEST']._serialized_start=144
-  _globals['_ENCODEREQUEST']._serialized_end=518
-  _globals['_TOKENSPANS']._serialized_start=520
-  _globals['_TOKENSPANS']._serialized_end=574
-  _globals['_ENCODERESPONSE']._serialized_start=577
-  _globals['_ENCODERESPONSE']._serialized_end=804
-  _globals['_ENCODESTREAMREQUEST']._serialized_start=806
-  _globals['_ENCODESTREAMREQUEST']._serialized_end=883
-  _globals['_ENCODESTREAMRESPONSE']._serialized_start=886
-  _globals['_ENCODESTREAMRESPONSE']._serialized_end=1020
-  _globals['_ENCODESERVICE']._serialized_start=1023
-  _globals['_ENCODESERVICE']._serialized_end=1221
+  _globals['_ENCODEREQUEST']._serialized_end=535
+  _globals['_TOKENSPANS']._serialized_start=537
+  _globals['_TOKENSPANS']._serialized_end=591
+  _globals['_ENCODERESPONSE']._serialized_start=594
+  _globals['_ENCODERESPONSE']._serialized_end=821
+  _globals['_ENCODESTREAMREQUEST']._serialized_start=823
+  _globals['_ENCODESTREAMREQUEST']._serialized_end=900
+  _globals['_ENCODESTREAMRESPONSE']._serialized_start=903
+  _globals['_ENCODESTREAMRESPONSE']._serialized_end=1037
+  _globals['_ENCODESERVICE']._serialized_start=1040
+  _globals['_ENCODESERVICE']._serialized_end=1238
 # @@protoc_insertion_point(module_scope)

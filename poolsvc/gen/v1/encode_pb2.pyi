@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("model", "inputs", "task", "normalize", "activation", "truncation", "output_dtype", "prompt_name", "prompt", "return_offsets", "input_role")
+    __slots__ = ("model", "inputs", "task", "normalize", "activation", "truncation", "output_dtype", "prompt_name", "prompt", "return_offsets", "input_role", "adapter")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class EncodeRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RETURN_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     INPUT_ROLE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]
     task: _common_pb2.Task
@@ -35,7 +36,8 @@ class EncodeRequest(_message.Message):
     prompt: str
     return_offsets: bool
     input_role: _common_pb2.InputRole
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., task: _Optional[_Union[_common_pb2.Task, str]] = ..., normalize: _Optional[bool] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., return_offsets: _Optional[bool] = ..., input_role: _Optional[_Union[_common_pb2.InputRole, str]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., task: _Optional[_Union[_common_pb2.Task, str]] = ..., normalize: _Optional[bool] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., return_offsets: _Optional[bool] = ..., input_role: _Optional[_Union[_common_pb2.InputRole, str]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class TokenSpans(_message.Message):
     __slots__ = ("offsets",)

@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from poolsvc.gen.v1 import common_pb2 as poolsvc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16poolsvc/v1/model.proto\x12\npoolsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17poolsvc/v1/common.proto\"\xd3\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x1f\n\x05tasks\x18\x05 \x03(\x0e\x32\x10.poolsvc.v1.Task\x12&\n\x0c\x64\x65\x66\x61ult_task\x18\x06 \x01(\x0e\x32\x10.poolsvc.v1.Task\x12\x12\n\ndimensions\x18\x07 \x01(\r\x12\x1d\n\x15matryoshka_dimensions\x18\x08 \x03(\r\x12\x18\n\x10max_input_tokens\x18\t \x01(\r\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x15\n\rcompute_dtype\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12-\n\x0cpooling_type\x18\r \x01(\x0e\x32\x17.poolsvc.v1.PoolingType\x12\x19\n\x11normalize_default\x18\x0e \x01(\x08\x12\x33\n\x07prompts\x18\x0f \x03(\x0b\x32\".poolsvc.v1.ModelInfo.PromptsEntry\x12\x1b\n\x13\x64\x65\x66\x61ult_prompt_name\x18\x10 \x01(\t\x12\x0e\n\x06labels\x18\x11 \x03(\t\x12(\n\nmodalities\x18\x12 \x03(\x0e\x32\x14.poolsvc.v1.Modality\x12\x14\n\x0c\x61rchitecture\x18\x13 \x01(\t\x12\x16\n\x0eimplementation\x18\x14 \x01(\t\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.poolsvc.v1.ModelInfo\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\";\n\x14GetModelInfoResponse\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.poolsvc.v1.ModelInfo\"\xee\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x13\n\x0bprompt_name\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x31\n\ntruncation\x18\x06 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12\x15\n\rreturn_tokens\x18\x07 \x01(\x08\x12\x16\n\x0ereturn_offsets\x18\x08 \x01(\x08\x42\x15\n\x13_add_special_tokens\")\n\x0bTokenOffset\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"V\n\rTokenizedText\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12(\n\x07offsets\x18\x03 \x03(\x0b\x32\x17.poolsvc.v1.TokenOffset\"g\n\x10TokenizeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.poolsvc.v1.TokenizedText\x12\x18\n\x10max_input_tokens\x18\x03 \x01(\r2\xd6\x02\n\x0cModelService\x12g\n\nListModels\x12\x1d.poolsvc.v1.ListModelsRequest\x1a\x1e.poolsvc.v1.ListModelsResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/poolsvc/v1/models\x12u\n\x0cGetModelInfo\x12\x1f.poolsvc.v1.GetModelInfoRequest\x1a .poolsvc.v1.GetModelInfoResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/poolsvc/v1/models/{model}\x12\x66\n\x08Tokenize\x12\x1b.poolsvc.v1.TokenizeRequest\x1a\x1c.poolsvc.v1.TokenizeResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/poolsvc/v1/tokenize:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16poolsvc/v1/model.proto\x12\npoolsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17poolsvc/v1/common.proto\"\xfe\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x1f\n\x05tasks\x18\x05 \x03(\x0e\x32\x10.poolsvc.v1.Task\x12&\n\x0c\x64\x65\x66\x61ult_task\x18\x06 \x01(\x0e\x32\x10.poolsvc.v1.Task\x12\x12\n\ndimensions\x18\x07 \x01(\r\x12\x1d\n\x15matryoshka_dimensions\x18\x08 \x03(\r\x12\x18\n\x10max_input_tokens\x18\t \x01(\r\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x15\n\rcompute_dtype\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12-\n\x0cpooling_type\x18\r \x01(\x0e\x32\x17.poolsvc.v1.PoolingType\x12\x19\n\x11normalize_default\x18\x0e \x01(\x08\x12\x33\n\x07prompts\x18\x0f \x03(\x0b\x32\".poolsvc.v1.ModelInfo.PromptsEntry\x12\x1b\n\x13\x64\x65\x66\x61ult_prompt_name\x18\x10 \x01(\t\x12\x0e\n\x06labels\x18\x11 \x03(\t\x12(\n\nmodalities\x18\x12 \x03(\x0e\x32\x14.poolsvc.v1.Modality\x12\x14\n\x0c\x61rchitecture\x18\x13 \x01(\t\x12\x16\n\x0eimplementation\x18\x14 \x01(\t\x12)\n\x08\x61\x64\x61pters\x18\x15 \x03(\x0b\x32\x17.poolsvc.v1.AdapterInfo\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.poolsvc.v1.ModelInfo\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\";\n\x14GetModelInfoResponse\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.poolsvc.v1.ModelInfo\"\xee\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x13\n\x0bprompt_name\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x31\n\ntruncation\x18\x06 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12\x15\n\rreturn_tokens\x18\x07 \x01(\x08\x12\x16\n\x0ereturn_offsets\x18\x08 \x01(\x08\x42\x15\n\x13_add_special_tokens\")\n\x0bTokenOffset\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"V\n\rTokenizedText\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12(\n\x07offsets\x18\x03 \x03(\x0b\x32\x17.poolsvc.v1.TokenOffset\"g\n\x10TokenizeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.poolsvc.v1.TokenizedText\x12\x18\n\x10max_input_tokens\x18\x03 \x01(\r2\xd6\x02\n\x0cModelService\x12g\n\nListModels\x12\x1d.poolsvc.v1.ListModelsRequest\x1a\x1e.poolsvc.v1.ListModelsResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/poolsvc/v1/models\x12u\n\x0cGetModelInfo\x12\x1f.poolsvc.v1.GetModelInfoRequest\x1a .poolsvc.v1.GetModelInfoResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/poolsvc/v1/models/{model}\x12\x66\n\x08Tokenize\x12\x1b.poolsvc.v1.TokenizeRequest\x1a\x1c.poolsvc.v1.TokenizeResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/poolsvc/v1/tokenize:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,25 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSERVICE'].methods_by_name['Tokenize']._loaded_options = None
   _globals['_MODELSERVICE'].methods_by_name['Tokenize']._serialized_options = b'\202\323\344\223\002\031\"\024/poolsvc/v1/tokenize:\001*'
   _globals['_MODELINFO']._serialized_start=94
-  _globals['_MODELINFO']._serialized_end=689
-  _globals['_MODELINFO_PROMPTSENTRY']._serialized_start=643
-  _globals['_MODELINFO_PROMPTSENTRY']._serialized_end=689
-  _globals['_LISTMODELSREQUEST']._serialized_start=691
-  _globals['_LISTMODELSREQUEST']._serialized_end=710
-  _globals['_LISTMODELSRESPONSE']._serialized_start=712
-  _globals['_LISTMODELSRESPONSE']._serialized_end=771
-  _globals['_GETMODELINFOREQUEST']._serialized_start=773
-  _globals['_GETMODELINFOREQUEST']._serialized_end=809
-  _globals['_GETMODELINFORESPONSE']._serialized_start=811
-  _globals['_GETMODELINFORESPONSE']._serialized_end=870
-  _globals['_TOKENIZEREQUEST']._serialized_start=873
-  _globals['_TOKENIZEREQUEST']._serialized_end=1111
-  _globals['_TOKENOFFSET']._serialized_start=1113
-  _globals['_TOKENOFFSET']._serialized_end=1154
-  _globals['_TOKENIZEDTEXT']._serialized_start=1156
-  _globals['_TOKENIZEDTEXT']._serialized_end=1242
-  _globals['_TOKENIZERESPONSE']._serialized_start=1244
-  _globals['_TOKENIZERESPONSE']._serialized_end=1347
-  _globals['_MODELSERVICE']._serialized_start=1350
-  _globals['_MODELSERVICE']._serialized_end=1692
+  _globals['_MODELINFO']._serialized_end=732
+  _globals['_MODELINFO_PROMPTSENTRY']._serialized_start=686
+  _globals['_MODELINFO_PROMPTSENTRY']._serialized_end=732
+  _globals['_ADAPTERINFO']._serialized_start=734
+  _globals['_ADAPTERINFO']._serialized_end=815
+  _globals['_LISTMODELSREQUEST']._serialized_start=817
+  _globals['_LISTMODELSREQUEST']._serialized_end=836
+  _globals['_LISTMODELSRESPONSE']._serialized_start=838
+  _globals['_LISTMODELSRESPONSE']._serialized_end=897
+  _globals['_GETMODELINFOREQUEST']._serialized_start=899
+  _globals['_GETMODELINFOREQUEST']._serialized_end=935
+  _globals['_GETMODELINFORESPONSE']._serialized_start=937
+  _globals['_GETMODELINFORESPONSE']._serialized_end=996
+  _globals['_TOKENIZEREQUEST']._serialized_start=999
+  _globals['_TOKENIZEREQUEST']._serialized_end=1237
+  _globals['_TOKENOFFSET']._serialized_start=1239
+  _globals['_TOKENOFFSET']._serialized_end=1280
+  _globals['_TOKENIZEDTEXT']._serialized_start=1282
+  _globals['_TOKENIZEDTEXT']._serialized_end=1368
+  _globals['_TOKENIZERESPONSE']._serialized_start=1370
+  _globals['_TOKENIZERESPONSE']._serialized_end=1473
+  _globals['_MODELSERVICE']._serialized_start=1476
+  _globals['_MODELSERVICE']._serialized_end=1818
 # @@protoc_insertion_point(module_scope)

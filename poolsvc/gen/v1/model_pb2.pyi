@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "aliases", "source", "is_default", "tasks", "default_task", "dimensions", "matryoshka_dimensions", "max_input_tokens", "vocab_size", "compute_dtype", "device", "pooling_type", "normalize_default", "prompts", "default_prompt_name", "labels", "modalities", "architecture", "implementation")
+    __slots__ = ("name", "aliases", "source", "is_default", "tasks", "default_task", "dimensions", "matryoshka_dimensions", "max_input_tokens", "vocab_size", "compute_dtype", "device", "pooling_type", "normalize_default", "prompts", "default_prompt_name", "labels", "modalities", "architecture", "implementation", "adapters")
     class PromptsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class ModelInfo(_message.Message):
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     source: str
@@ -58,7 +59,20 @@ class ModelInfo(_message.Message):
     modalities: _containers.RepeatedScalarFieldContainer[_common_pb2.Modality]
     architecture: str
     implementation: str
-    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., is_default: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[_common_pb2.Task, str]]] = ..., default_task: _Optional[_Union[_common_pb2.Task, str]] = ..., dimensions: _Optional[int] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., max_input_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., device: _Optional[str] = ..., pooling_type: _Optional[_Union[_common_pb2.PoolingType, str]] = ..., normalize_default: _Optional[bool] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., modalities: _Optional[_Iterable[_Union[_common_pb2.Modality, str]]] = ..., architecture: _Optional[str] = ..., implementation: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., is_default: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[_common_pb2.Task, str]]] = ..., default_task: _Optional[_Union[_common_pb2.Task, str]] = ..., dimensions: _Optional[int] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., max_input_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., device: _Optional[str] = ..., pooling_type: _Optional[_Union[_common_pb2.PoolingType, str]] = ..., normalize_default: _Optional[bool] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., modalities: _Optional[_Iterable[_Union[_common_pb2.Modality, str]]] = ..., architecture: _Optional[str] = ..., implementation: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("name", "source", "rank", "target_modules")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source: str
+    rank: int
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

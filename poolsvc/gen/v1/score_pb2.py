@@ -28,7 +28,7 @@ from poolsvc.gen.v1 import common_pb2 as poolsvc_dot_v1_dot_common__pb2
 from poolsvc.gen.v1 import tensor_pb2 as poolsvc_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16poolsvc/v1/score.proto\x12\npoolsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17poolsvc/v1/common.proto\x1a\x17poolsvc/v1/tensor.proto\"\xf5\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x07queries\x18\x02 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12$\n\tdocuments\x18\x03 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12\x17\n\nactivation\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x31\n\ntruncation\x18\x05 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12\x31\n\x0ehybrid_weights\x18\x06 \x01(\x0b\x32\x19.poolsvc.v1.HybridWeightsB\r\n\x0b_activation\"D\n\rHybridWeights\x12\r\n\x05\x64\x65nse\x18\x01 \x01(\x02\x12\x0e\n\x06sparse\x18\x02 \x01(\x02\x12\x14\n\x0cmulti_vector\x18\x03 \x01(\x02\"\x88\x01\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06scores\x18\x02 \x01(\x0b\x32\x12.poolsvc.v1.Tensor\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.poolsvc.v1.Usage\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.poolsvc.v1.Timing\"K\n\x12ScoreStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.poolsvc.v1.ScoreRequest\"\x84\x01\n\x13ScoreStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.poolsvc.v1.ScoreResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.poolsvc.v1.StreamErrorH\x00\x42\x08\n\x06result\"\x9d\x02\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12 \n\x05query\x18\x02 \x01(\x0b\x32\x11.poolsvc.v1.Input\x12$\n\tdocuments\x18\x03 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x17\n\nactivation\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x31\n\ntruncation\x18\x07 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12\x31\n\x0ehybrid_weights\x18\x08 \x01(\x0b\x32\x19.poolsvc.v1.HybridWeightsB\r\n\x0b_activation\">\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"\x90\x01\n\x0eRerankResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.poolsvc.v1.RerankResult\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.poolsvc.v1.Usage\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.poolsvc.v1.Timing2\x9e\x02\n\x0cScoreService\x12Z\n\x05Score\x12\x18.poolsvc.v1.ScoreRequest\x1a\x19.poolsvc.v1.ScoreResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/poolsvc/v1/score:\x01*\x12R\n\x0bScoreStream\x12\x1e.poolsvc.v1.ScoreStreamRequest\x1a\x1f.poolsvc.v1.ScoreStreamResponse(\x01\x30\x01\x12^\n\x06Rerank\x12\x19.poolsvc.v1.RerankRequest\x1a\x1a.poolsvc.v1.RerankResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/poolsvc/v1/rerank:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16poolsvc/v1/score.proto\x12\npoolsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17poolsvc/v1/common.proto\x1a\x17poolsvc/v1/tensor.proto\"\x86\x02\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x07queries\x18\x02 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12$\n\tdocuments\x18\x03 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12\x17\n\nactivation\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x31\n\ntruncation\x18\x05 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12\x31\n\x0ehybrid_weights\x18\x06 \x01(\x0b\x32\x19.poolsvc.v1.HybridWeights\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\tB\r\n\x0b_activation\"D\n\rHybridWeights\x12\r\n\x05\x64\x65nse\x18\x01 \x01(\x02\x12\x0e\n\x06sparse\x18\x02 \x01(\x02\x12\x14\n\x0cmulti_vector\x18\x03 \x01(\x02\"\x88\x01\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06scores\x18\x02 \x01(\x0b\x32\x12.poolsvc.v1.Tensor\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.poolsvc.v1.Usage\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.poolsvc.v1.Timing\"K\n\x12ScoreStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.poolsvc.v1.ScoreRequest\"\x84\x01\n\x13ScoreStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.poolsvc.v1.ScoreResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.poolsvc.v1.StreamErrorH\x00\x42\x08\n\x06result\"\xae\x02\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12 \n\x05query\x18\x02 \x01(\x0b\x32\x11.poolsvc.v1.Input\x12$\n\tdocuments\x18\x03 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x17\n\nactivation\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x31\n\ntruncation\x18\x07 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12\x31\n\x0ehybrid_weights\x18\x08 \x01(\x0b\x32\x19.poolsvc.v1.HybridWeights\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\tB\r\n\x0b_activation\">\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"\x90\x01\n\x0eRerankResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.poolsvc.v1.RerankResult\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.poolsvc.v1.Usage\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.poolsvc.v1.Timing2\x9e\x02\n\x0cScoreService\x12Z\n\x05Score\x12\x18.poolsvc.v1.ScoreRequest\x1a\x19.poolsvc.v1.ScoreResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/poolsvc/v1/score:\x01*\x12R\n\x0bScoreStream\x12\x1e.poolsvc.v1.ScoreStreamRequest\x1a\x1f.poolsvc.v1.ScoreStreamResponse(\x01\x30\x01\x12^\n\x06Rerank\x12\x19.poolsvc.v1.RerankRequest\x1a\x1a.poolsvc.v1.RerankResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/poolsvc/v1/rerank:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORESERVICE'].methods_by_name['Rerank']._loaded_options = None
   _globals['_SCORESERVICE'].methods_by_name['Rerank']._serialized_options = b'\202\323\344\223\002\027\"\022/poolsvc/v1/rerank:\001*'
   _globals['_SCOREREQUEST']._serialized_start=119
-  _globals['_SCOREREQUEST']._serialized_end=364
-  _globals['_HYBRIDWEIGHTS']._serialized_start=366
-  _globals['_HYBRIDWEIGHTS']._serialized_end=434
-  _globals['_SCORERESPONSE']._serialized_start=437
-  _globals['_SCORERESPONSE']._serialized_end=573
-  _globals['_SCORESTREAMREQUEST']._serialized_start=575
-  _globals['_SCORESTREAMREQUEST']._serialized_end=650
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=653
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=785
-  _globals['_RERANKREQUEST']._serialized_start=788
-  _globals['_RERANKREQUEST']._serialized_end=1073
-  _globals['_RERANKRESULT']._serialized_start=1075
-  _globals['_RERANKRESULT']._serialized_end=1137
-  _globals['_RERANKRESPONSE']._serialized_start=1140
-  _globals['_RERANKRESPONSE']._serialized_end=1284
-  _globals['_SCORESERVICE']._serialized_start=1287
-  _globals['_SCORESERVICE']._serialized_end=1573
+  _globals['_SCOREREQUEST']._serialized_end=381
+  _globals['_HYBRIDWEIGHTS']._serialized_start=383
+  _globals['_HYBRIDWEIGHTS']._serialized_end=451
+  _globals['_SCORERESPONSE']._serialized_start=454
+  _globals['_SCORERESPONSE']._serialized_end=590
+  _globals['_SCORESTREAMREQUEST']._serialized_start=592
+  _globals['_SCORESTREAMREQUEST']._serialized_end=667
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=670
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=802
+  _globals['_RERANKREQUEST']._serialized_start=805
+  _globals['_RERANKREQUEST']._serialized_end=1107
+  _globals['_RERANKRESULT']._serialized_start=1109
+  _globals['_RERANKRESULT']._serialized_end=1171
+  _globals['_RERANKRESPONSE']._serialized_start=1174
+  _globals['_RERANKRESPONSE']._serialized_end=1318
+  _globals['_SCORESERVICE']._serialized_start=1321
+  _globals['_SCORESERVICE']._serialized_end=1607
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "inputs", "activation", "truncation", "output_dtype", "prompt_name", "prompt")
+    __slots__ = ("model", "inputs", "activation", "truncation", "output_dtype", "prompt_name", "prompt", "adapter")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class ClassifyRequest(_message.Message):
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]
     activation: bool
@@ -26,7 +27,8 @@ class ClassifyRequest(_message.Message):
     output_dtype: _tensor_pb2.DataType
     prompt_name: str
     prompt: str
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
+    adapter: str
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("model", "probs", "labels", "usage", "timing")

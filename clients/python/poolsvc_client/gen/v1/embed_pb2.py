@@ -29,7 +29,7 @@ from poolsvc_client.gen.v1 import common_pb2 as poolsvc_dot_v1_dot_common__pb2
 from poolsvc_client.gen.v1 import tensor_pb2 as poolsvc_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = POOL.AddSerializedFile(b'\n\x16poolsvc/v1/embed.proto\x12\npoolsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17poolsvc/v1/common.proto\x1a\x17poolsvc/v1/tensor.proto\"\xf3\x02\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06inputs\x18\x02 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\ndimensions\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x31\n\ntruncation\x18\x05 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12*\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32\x14.poolsvc.v1.DataType\x12\x13\n\x0bprompt_name\x18\x07 \x01(\t\x12\x0e\n\x06prompt\x18\x08 \x01(\t\x12\x14\n\x0csparse_top_k\x18\t \x01(\r\x12\x15\n\rreturn_tokens\x18\n \x01(\x08\x12\x32\n\x0f\x65mbedding_types\x18\x0b \x03(\x0e\x32\x19.poolsvc.v1.EmbeddingTypeB\x0c\n\n_normalizeB\r\n\x0b_dimensions\"E\n\x0fSparseEmbedding\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\x0f\n\x07weights\x18\x02 \x01(\x0c\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"\x94\x02\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\nembeddings\x18\x02 \x01(\x0b\x32\x12.poolsvc.v1.Tensor\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.poolsvc.v1.Usage\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.poolsvc.v1.Timing\x12\x36\n\x11sparse_embeddings\x18\x05 \x03(\x0b\x32\x1b.poolsvc.v1.SparseEmbedding\x12\x19\n\x11sparse_dimensions\x18\x06 \x01(\r\x12\x33\n\x17multi_vector_embeddings\x18\x07 \x03(\x0b\x32\x12.poolsvc.v1.Tensor\"K\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.poolsvc.v1.EmbedRequest\"\x84\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.poolsvc.v1.EmbedResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.poolsvc.v1.StreamErrorH\x00\x42\x08\n\x06result2\xbe\x01\n\x0c\x45mbedService\x12Z\n\x05\x45mbed\x12\x18.poolsvc.v1.EmbedRequest\x1a\x19.poolsvc.v1.EmbedResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/poolsvc/v1/embed:\x01*\x12R\n\x0b\x45mbedStream\x12\x1e.poolsvc.v1.EmbedStreamRequest\x1a\x1f.poolsvc.v1.EmbedStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = POOL.AddSerializedFile(b'\n\x16poolsvc/v1/embed.proto\x12\npoolsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17poolsvc/v1/common.proto\x1a\x17poolsvc/v1/tensor.proto\"\x84\x03\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06inputs\x18\x02 \x03(\x0b\x32\x11.poolsvc.v1.Input\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\ndimensions\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x31\n\ntruncation\x18\x05 \x01(\x0b\x32\x1d.poolsvc.v1.TruncationOptions\x12*\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32\x14.poolsvc.v1.DataType\x12\x13\n\x0bprompt_name\x18\x07 \x01(\t\x12\x0e\n\x06prompt\x18\x08 \x01(\t\x12\x14\n\x0csparse_top_k\x18\t \x01(\r\x12\x15\n\rreturn_tokens\x18\n \x01(\x08\x12\x32\n\x0f\x65mbedding_types\x18\x0b \x03(\x0e\x32\x19.poolsvc.v1.EmbeddingType\x12\x0f\n\x07\x61\x64\x61pter\x18\x0c \x01(\tB\x0c\n\n_normalizeB\r\n\x0b_dimensions\"E\n\x0fSparseEmbedding\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\x0f\n\x07weights\x18\x02 \x01(\x0c\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"\x94\x02\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\nembeddings\x18\x02 \x01(\x0b\x32\x12.poolsvc.v1.Tensor\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.poolsvc.v1.Usage\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.poolsvc.v1.Timing\x12\x36\n\x11sparse_embeddings\x18\x05 \x03(\x0b\x32\x1b.poolsvc.v1.SparseEmbedding\x12\x19\n\x11sparse_dimensions\x18\x06 \x01(\r\x12\x33\n\x17multi_vector_embeddings\x18\x07 \x03(\x0b\x32\x12.poolsvc.v1.Tensor\"K\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.poolsvc.v1.EmbedRequest\"\x84\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.poolsvc.v1.EmbedResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.poolsvc.v1.StreamErrorH\x00\x42\x08\n\x06result2\xbe\x01\n\x0c\x45mbedService\x12Z\n\x05\x45mbed\x12\x18.poolsvc.v1.EmbedRequest\x1a\x19.poolsvc.v1.EmbedResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/poolsvc/v1/embed:\x01*\x12R\n\x0b\x45mbedStream\x12\x1e.poolsvc.v1.EmbedStreamRequest\x1a\x1f.poolsvc.v1.EmbedStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,15 +39,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDSERVICE'].methods_by_name['Embed']._loaded_options = None
   _globals['_EMBEDSERVICE'].methods_by_name['Embed']._serialized_options = b'\202\323\344\223\002\026\"\021/poolsvc/v1/embed:\001*'
   _globals['_EMBEDREQUEST']._serialized_start=119
-  _globals['_EMBEDREQUEST']._serialized_end=490
-  _globals['_SPARSEEMBEDDING']._serialized_start=492
-  _globals['_SPARSEEMBEDDING']._serialized_end=561
-  _globals['_EMBEDRESPONSE']._serialized_start=564
-  _globals['_EMBEDRESPONSE']._serialized_end=840
-  _globals['_EMBEDSTREAMREQUEST']._serialized_start=842
-  _globals['_EMBEDSTREAMREQUEST']._serialized_end=917
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=920
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=1052
-  _globals['_EMBEDSERVICE']._serialized_start=1055
-  _globals['_EMBEDSERVICE']._serialized_end=1245
+  _globals['_EMBEDREQUEST']._serialized_end=507
+  _globals['_SPARSEEMBEDDING']._serialized_start=509
+  _globals['_SPARSEEMBEDDING']._serialized_end=578
+  _globals['_EMBEDRESPONSE']._serialized_start=581
+  _globals['_EMBEDRESPONSE']._serialized_end=857
+  _globals['_EMBEDSTREAMREQUEST']._serialized_start=859
+  _globals['_EMBEDSTREAMREQUEST']._serialized_end=934
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=937
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=1069
+  _globals['_EMBEDSERVICE']._serialized_start=1072
+  _globals['_EMBEDSERVICE']._serialized_end=1262
 # @@protoc_insertion_point(module_scope)

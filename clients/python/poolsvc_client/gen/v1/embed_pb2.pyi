@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("model", "inputs", "normalize", "dimensions", "truncation", "output_dtype", "prompt_name", "prompt", "sparse_top_k", "return_tokens", "embedding_types")
+    __slots__ = ("model", "inputs", "normalize", "dimensions", "truncation", "output_dtype", "prompt_name", "prompt", "sparse_top_k", "return_tokens", "embedding_types", "adapter")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class EmbedRequest(_message.Message):
     SPARSE_TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_TYPES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]
     normalize: bool
@@ -34,7 +35,8 @@ class EmbedRequest(_message.Message):
     sparse_top_k: int
     return_tokens: bool
     embedding_types: _containers.RepeatedScalarFieldContainer[_common_pb2.EmbeddingType]
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., sparse_top_k: _Optional[int] = ..., return_tokens: _Optional[bool] = ..., embedding_types: _Optional[_Iterable[_Union[_common_pb2.EmbeddingType, str]]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., normalize: _Optional[bool] = ..., dimensions: _Optional[int] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., sparse_top_k: _Optional[int] = ..., return_tokens: _Optional[bool] = ..., embedding_types: _Optional[_Iterable[_Union[_common_pb2.EmbeddingType, str]]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class SparseEmbedding(_message.Message):
     __slots__ = ("token_ids", "weights", "tokens")

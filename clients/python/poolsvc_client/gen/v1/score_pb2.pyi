@@ -11,20 +11,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "queries", "documents", "activation", "truncation", "hybrid_weights")
+    __slots__ = ("model", "queries", "documents", "activation", "truncation", "hybrid_weights", "adapter")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     HYBRID_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     model: str
     queries: _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]
     documents: _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]
     activation: bool
     truncation: _common_pb2.TruncationOptions
     hybrid_weights: HybridWeights
-    def __init__(self, model: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., documents: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., hybrid_weights: _Optional[_Union[HybridWeights, _Mapping]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, model: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., documents: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., hybrid_weights: _Optional[_Union[HybridWeights, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class HybridWeights(_message.Message):
     __slots__ = ("dense", "sparse", "multi_vector")
@@ -67,7 +69,7 @@ class ScoreStreamResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., response: _Optional[_Union[ScoreResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.StreamError, _Mapping]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("model", "query", "documents", "top_n", "return_documents", "activation", "truncation", "hybrid_weights")
+    __slots__ = ("model", "query", "documents", "top_n", "return_documents", "activation", "truncation", "hybrid_weights", "adapter")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class RerankRequest(_message.Message):
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     HYBRID_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     model: str
     query: _common_pb2.Input
     documents: _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]
@@ -84,7 +87,8 @@ class RerankRequest(_message.Message):
     activation: bool
     truncation: _common_pb2.TruncationOptions
     hybrid_weights: HybridWeights
-    def __init__(self, model: _Optional[str] = ..., query: _Optional[_Union[_common_pb2.Input, _Mapping]] = ..., documents: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., hybrid_weights: _Optional[_Union[HybridWeights, _Mapping]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, model: _Optional[str] = ..., query: _Optional[_Union[_common_pb2.Input, _Mapping]] = ..., documents: _Optional[_Iterable[_Union[_common_pb2.Input, _Mapping]]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., activation: _Optional[bool] = ..., truncation: _Optional[_Union[_common_pb2.TruncationOptions, _Mapping]] = ..., hybrid_weights: _Optional[_Union[HybridWeights, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class RerankResult(_message.Message):
     __slots__ = ("index", "score", "document")
