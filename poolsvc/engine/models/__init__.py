@@ -11,6 +11,7 @@ from poolsvc.engine.models import (
     llama,
     modernbert,
     mpnet,
+    nomic_bert,
     qwen2,
     qwen3,
     roberta,
@@ -40,6 +41,10 @@ ARCHITECTURES = {
     "ModernBertForMaskedLM": (modernbert, "ModernBertModel"),  # a body (SPLADE: hf_fallback)
     "ModernBertForSequenceClassification": (modernbert, "ModernBertForSequenceClassification"),
     "ModernBertForTokenClassification": (modernbert, "ModernBertForTokenClassification"),
+    "NomicBertModel": (nomic_bert, "NomicBertModel"),
+    "NomicBertForMaskedLM": (nomic_bert, "NomicBertModel"),  # a body (SPLADE: hf_fallback)
+    "NomicBertForSequenceClassification": (nomic_bert, "NomicBertForSequenceClassification"),
+    "NomicBertForTokenClassification": (nomic_bert, "NomicBertForTokenClassification"),
     "LlamaModel": (llama, "LlamaModel"),
     "LlamaForCausalLM": (llama, "LlamaModel"),
     "LlamaForSequenceClassification": (llama, "LlamaForSequenceClassification"),
@@ -72,6 +77,7 @@ MODEL_TYPES = {
     "mpnet": "MPNetModel",
     "distilbert": "DistilBertModel",
     "modernbert": "ModernBertModel",
+    "nomic_bert": "NomicBertModel",
     "llama": "LlamaModel",
     "mistral": "MistralModel",
     "qwen2": "Qwen2Model",
