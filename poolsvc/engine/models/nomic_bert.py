@@ -227,7 +227,8 @@ class NomicBertModel(Backend):
         lens = torch.tensor(batch.prompt_lens, device=batch.input_ids.device)
         inv_freq = self.config.rope.inv_freq(self.config.head_dim, lens)  # [num_seqs, half]
         if self.config.rope.rope_type == "dynamic":  # each sequence its own frequencies
-            inv_freq = torch.repeat_interleave(inv_freq, lens, dim=0)  # [num_tokens, half]
+            inv_freq = torch.repeat_interleave(  # [num_tokens, half]; no device sync
+                inv_freq, lens, dim=0, output_size=batch.input_ids.shape[0])
         else:
             inv_freq = inv_freq[:1]
         freqs = batch.positions[:, None].float() * inv_freq  # [num_tokens, half]
