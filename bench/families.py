@@ -1,4 +1,4 @@
-"""The packed MPNet and ModernBERT code against the transformers fallback and
+"""The packed MPNet, ModernBERT and NomicBERT code against the transformers fallback and
 sentence-transformers, measured in one run on the bench set.
 
     python bench/families.py                               # both shapes, the default slices
@@ -42,6 +42,10 @@ SHAPES = {
                                            max_position_embeddings=8192, pad_token_id=0,
                                            cls_token_id=101, sep_token_id=102,
                                            bos_token_id=101, eos_token_id=102)),
+    # nomic-embed-text-v1.5: 12 post-norm layers, rotary, SwiGLU, no biases
+    "nomic-base": ("NomicBert", dict(vocab_size=30528, hidden_size=768, num_hidden_layers=12,
+                                     num_attention_heads=12, intermediate_size=3072,
+                                     max_position_embeddings=2048)),
 }
 SYSTEMS = ("sentence-transformers encode", "poolsvc, transformers fallback", "poolsvc, packed")
 MAX_SEQ_LENGTH = 512

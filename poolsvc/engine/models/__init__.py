@@ -13,6 +13,7 @@ from poolsvc.engine.models import (
     llama,
     modernbert,
     mpnet,
+    nomic_bert,
     qwen2,
     qwen3,
     roberta,
@@ -46,6 +47,10 @@ ARCHITECTURES = {
     "DebertaV2ForMaskedLM": (deberta_v2, "DebertaV2Model"),  # a body
     "DebertaV2ForSequenceClassification": (deberta_v2, "DebertaV2ForSequenceClassification"),
     "DebertaV2ForTokenClassification": (deberta_v2, "DebertaV2ForTokenClassification"),
+    "NomicBertModel": (nomic_bert, "NomicBertModel"),
+    "NomicBertForMaskedLM": (nomic_bert, "NomicBertModel"),  # a body (SPLADE: hf_fallback)
+    "NomicBertForSequenceClassification": (nomic_bert, "NomicBertForSequenceClassification"),
+    "NomicBertForTokenClassification": (nomic_bert, "NomicBertForTokenClassification"),
     "LlamaModel": (llama, "LlamaModel"),
     "LlamaForCausalLM": (llama, "LlamaModel"),
     "LlamaForSequenceClassification": (llama, "LlamaForSequenceClassification"),
@@ -90,6 +95,7 @@ MODEL_TYPES = {
     "distilbert": "DistilBertModel",
     "modernbert": "ModernBertModel",
     "deberta-v2": "DebertaV2Model",
+    "nomic_bert": "NomicBertModel",
     "llama": "LlamaModel",
     "mistral": "MistralModel",
     "qwen2": "Qwen2Model",
