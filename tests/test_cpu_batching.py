@@ -5,6 +5,7 @@ number of inputs."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -40,8 +41,13 @@ def test_requests_arriving_during_a_batch_run_as_one_batch(tiny):
     try:
         first = engine.submit(PoolingRequest(Task.EMBED, ("the first text",)))
         assert running.wait(30)
-        later = [engine.submit(PoolingRequest(Task.EMBED, (f"text number {i}",)))
-                 for i in range(20)]
+        later = [engine.submit(PoolingRequest(Task.EMBED, ("text number 0",)))]
+        # Nothing may take it while the runner is busy; the pause only gives a batch formed
+        # ahead of time (the old prefetch thread) the chance to take it alone.
+        time.sleep(0.2)
+        assert engine.stats["queued"] == 1
+        later += [engine.submit(PoolingRequest(Task.EMBED, (f"text number {i}",)))
+                  for i in range(1, 20)]
         release.set()
         first.result(30)
         outs = [f.result(30) for f in later]
