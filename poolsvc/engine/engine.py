@@ -110,7 +110,7 @@ class Engine:
             # a first rate, before any traffic: a batch as a backlog would make it
             self._admission.ran(*model.time_one_batch(min(4096, self.config.max_batch_tokens)))
         torch.set_num_threads(caller_threads)
-        self._runner.start(threads)
+        self._runner.start(threads, pipelined=device.type != "cpu")
         self.ready = True
 
     def shutdown(self, discard: bool = False) -> None:

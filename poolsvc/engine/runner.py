@@ -1,5 +1,5 @@
-"""The engine's threads: one forms batches from the work queue, one owns the device, one turns
-pooled rows into outputs."""
+"""The engine's threads: one owns the device; on CUDA one more forms batches from the work queue
+and another turns pooled rows into outputs (on the CPU the device's thread does both)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from poolsvc.engine.batcher import next_batch
 from poolsvc.engine.errors import DeadlineExceededError, UnavailableError
 from poolsvc.engine.outputs import build_output
 from poolsvc.engine.request import now_ns
-from poolsvc.engine.served import ServedModel
+from poolsvc.engine.served import HostRows, ServedModel
 from poolsvc.engine.state import Sequence
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,18 @@ class WorkQueue:
 
 
 class ModelRunner:
-    """One thread owns the device: batch = ready.get(); out = model.compute(batch); done.put(...).
+    """One thread owns the device: batch = next batch; out = model.compute(batch); done.put(...).
 
-    A prefetch thread forms the next batch and builds its tensors (pinned and copied on CUDA)
-    while the current one runs; `ready` holds one such prefetched batch. A finisher thread takes
-    the pooled rows (waiting for their copy to the host) and turns finished requests into their
-    outputs, so the device never waits on host post-processing.
+    Pipelined (CUDA): a prefetch thread forms the next batch and builds its tensors (pinned and
+    copied) while the current one runs, `ready` holding one such prefetched batch; a finisher
+    thread takes the pooled rows (waiting for their copy to the host) and turns finished
+    requests into their outputs, so the device never waits on host post-processing.
+
+    On the CPU the runner does all three itself: there the "device" is the same cores, a
+    batch's tensors cost tens of microseconds to build, and a batch formed while the previous one
+    runs holds only the requests that had arrived by then (with 64 one-text requests in flight,
+    batches of about a third of them); each hand-off to another thread also costs a lone
+    request a wake-up, and a finisher competes with the runner's OpenMP team for the cores.
     """
 
     def __init__(self, queue: WorkQueue, on_batch: BatchObserver | None = None):
@@ -122,9 +128,12 @@ class ModelRunner:
                          threading.Thread(target=self._finish, name="poolsvc-finisher",
                                           daemon=True)]
 
-    def start(self, threads: int) -> None:
+    def start(self, threads: int, pipelined: bool) -> None:
+        """`threads`: the runner's OpenMP team; `pipelined`: form batches and finish them on
+        their own threads (devices that compute asynchronously)."""
         self.threads = threads
-        for thread in self._threads:
+        self.pipelined = pipelined
+        for thread in self._threads if pipelined else self._threads[1:2]:
             thread.start()
 
     def join(self) -> None:
@@ -141,10 +150,24 @@ class ModelRunner:
                 fail(batch, exc)
         self._ready.put(None)
 
+    def _batches(self):
+        """(model, batch, its tensors) in turn: prefetched, or formed now."""
+        if self.pipelined:
+            while (item := self._ready.get()) is not None:
+                yield item
+            return
+        while (item := self.queue.take()) is not None:
+            model, batch = item
+            try:
+                packed = model.prepare(batch)
+            except Exception as exc:
+                fail(batch, exc)
+                continue
+            yield model, batch, packed
+
     def _run(self) -> None:
         torch.set_num_threads(self.threads)  # this thread's OpenMP team: the only one
-        while (item := self._ready.get()) is not None:
-            model, batch, packed = item
+        for model, batch, packed in self._batches():
             # Callers may have given up while the batch waited here: drop their work.
             live, expired = next_batch(deque(batch), 1 << 62, len(batch), now_ns())
             self.queue.expire(expired)
@@ -158,29 +181,38 @@ class ModelRunner:
             for seq in batch:
                 seq.request.started_ns = seq.request.started_ns or now_ns()
             try:
-                self._done.put((batch, model.compute(batch, packed)))
+                host = model.compute(batch, packed)
             except Exception as exc:  # a bug or a device fault: fail this batch, keep serving
                 fail(batch, exc)
+            else:
+                if self.pipelined:
+                    self._done.put((batch, host))
+                else:
+                    deliver(batch, host)
             if self.on_batch is not None:
                 self.on_batch(model.name, len(batch), tokens, time.perf_counter() - started)
         self._done.put(None)
 
     def _finish(self) -> None:
         while (item := self._done.get()) is not None:
-            batch, host = item
+            deliver(*item)
+
+
+def deliver(batch: list[Sequence], host: HostRows) -> None:
+    """Hands each finished request of `batch` its output."""
+    try:
+        rows = host.wait()
+    except Exception as exc:
+        fail(batch, exc)
+        return
+    for seq, row in zip(batch, rows):
+        req = seq.request
+        if req.add(seq, row) and not req.cancelled:
             try:
-                rows = host.wait()
+                req.resolve(build_output(req))
             except Exception as exc:
-                fail(batch, exc)
-                continue
-            for seq, row in zip(batch, rows):
-                req = seq.request
-                if req.add(seq, row) and not req.cancelled:
-                    try:
-                        req.resolve(build_output(req))
-                    except Exception as exc:
-                        log.exception("finishing a %s request failed", req.call.task.value)
-                        req.resolve(error=exc)
+                log.exception("finishing a %s request failed", req.call.task.value)
+                req.resolve(error=exc)
 
 
 def fail(batch: list[Sequence], exc: Exception) -> None:
