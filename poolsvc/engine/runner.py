@@ -183,14 +183,17 @@ class ModelRunner:
             try:
                 host = model.compute(batch, packed)
             except Exception as exc:  # a bug or a device fault: fail this batch, keep serving
+                host = None
                 fail(batch, exc)
-            else:
+            # Counted before its callers are answered: a caller that reads the metrics after
+            # its answer finds its batch in them.
+            if self.on_batch is not None:
+                self.on_batch(model.name, len(batch), tokens, time.perf_counter() - started)
+            if host is not None:
                 if self.pipelined:
                     self._done.put((batch, host))
                 else:
                     deliver(batch, host)
-            if self.on_batch is not None:
-                self.on_batch(model.name, len(batch), tokens, time.perf_counter() - started)
         self._done.put(None)
 
     def _finish(self) -> None:
