@@ -33,7 +33,8 @@ class ServerConfig(EngineConfig):
     host: str = _opt("address to listen on", default="127.0.0.1")
     port: int = _opt("port to listen on (0 picks a free one)", default=50051)
     tokenizer_workers: int = _opt("threads tokenizing requests off the event loop (0: one per "
-                                  "core)", default=0)
+                                  "core); gRPC calls of at most 512 bytes are tokenized on the "
+                                  "loop", default=0)
     max_concurrent_requests: int = _opt(
         "requests admitted at once (unary calls and stream items alike); past it requests are "
         "refused with RESOURCE_EXHAUSTED instead of queueing without bound", default=1024)

@@ -289,6 +289,43 @@ def test_big_requests_do_not_stall_the_event_loop():
     asyncio.run(scenario())
 
 
+def test_small_calls_are_prepared_on_the_loop_big_ones_in_the_pool():
+    """A call of at most admitted.INLINE_BYTES is tokenized on the event loop (tens of
+    microseconds, less than the pool's hop); a bigger one waits for a pool worker. With every
+    worker busy, small calls, their bad input included, are still answered, and a big call is
+    answered once a worker is free."""
+    from poolsvc.service.admitted import INLINE_BYTES
+
+    async def scenario():
+        async with in_process(tokenizer_workers=1) as running:
+            embed = embed_pb2_grpc.EmbedServiceStub(running.channel).Embed
+            release = threading.Event()
+            blocker = running.server.pool.submit(release.wait)
+            try:
+                small = await embed(embed_pb2.EmbedRequest(inputs=texts("a short query")),
+                                    timeout=60)
+                assert list(small.embeddings.shape) == [1, 384]
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await embed(embed_pb2.EmbedRequest(), timeout=60)  # no inputs
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+                assert "at least one" in err.value.details()
+                request = embed_pb2.EmbedRequest(inputs=texts("word " * 400),
+                                                 truncation=TRUNCATE)
+                assert request.ByteSize() > INLINE_BYTES
+                big = asyncio.ensure_future(embed(request, timeout=60))
+                # a small call made after the big one is answered while the big one waits
+                after = await embed(embed_pb2.EmbedRequest(inputs=texts("another one")),
+                                    timeout=60)
+                assert list(after.embeddings.shape) == [1, 384]
+                assert not big.done()
+            finally:
+                release.set()
+            assert list((await big).embeddings.shape) == [1, 384]
+            blocker.result()
+
+    asyncio.run(scenario())
+
+
 # --- 7, 8. bad items and bad bytes ---------------------------------------------------------------
 
 def stream_item(i, text="fine", inputs=1) -> bytes:

@@ -97,7 +97,7 @@ class _Servicer:
             message = decode(raw, message_type, self.max_message_bytes)
             return message, to_request(message, when)
 
-        return await admitted.run(self.engine, self.pool, when["deadline_ns"], prepare)
+        return await admitted.run(self.engine, self.pool, when["deadline_ns"], prepare, len(raw))
 
     def _stream(self, method: str, requests: AsyncIterator[bytes], context, handle,
                 response_type) -> AsyncIterator:
