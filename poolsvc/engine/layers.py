@@ -160,6 +160,12 @@ def _short_attention(q, k, v, mask, scale: float, softcap: float | None = None) 
 
 
 @functools.lru_cache(maxsize=64)
+def _tril(width: int, device: torch.device) -> torch.Tensor:
+    """[width, width] bool: True where j <= i (causal); built once per shape, not per layer."""
+    return torch.ones(width, width, dtype=torch.bool, device=device).tril()
+
+
+@functools.lru_cache(maxsize=64)
 def _band(width: int, window: int, device: torch.device) -> torch.Tensor:
     """[width, width] bool: True where |i - j| <= window; built once per shape, not per layer."""
     distance = torch.arange(width, device=device)
@@ -194,7 +200,7 @@ def _bucket_attention(x, bucket: AttentionBucket, causal: bool, scale: float, gq
     window = window if window is not None and width - 1 > window else None
     if causal and (mask is not None or window is not None or bias is not None
                    or softcap is not None):
-        tril = torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
+        tril = _tril(width, q.device)
         mask = tril if mask is None else mask & tril
     if window is not None:
         band = _band(width, window, q.device)

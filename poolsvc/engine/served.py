@@ -67,7 +67,7 @@ class ServedModel:
         keys = None
         if any(s.attended is not None for s in seqs):
             keys = [s.num_tokens if s.attended is None else s.attended for s in seqs]
-        adapters = [s.adapter for s in seqs]
+        adapters = [s.request.adapter for s in seqs]
         return PackedBatch.build([s.token_ids for s in seqs], types, self.device,
                                  self.backend.position_offset, pixels, self.dtype, keys, adapters)
 

@@ -81,20 +81,18 @@ class Request:
         for i, ids in enumerate(self.token_ids):
             if self.pixels is not None and self.pixels[i] is not None:
                 seqs.append(Sequence(self, i, ids, self.options, None, self.pixels[i],
-                                     self.image_tokens, adapter=self.adapter))
+                                     self.image_tokens))
             elif self.chunked(i):
                 types = self.token_type_ids[i] if self.token_type_ids is not None else None
                 raw = self.options.for_chunks()
                 for start in range(0, len(ids), self.chunk_size):
                     end = start + self.chunk_size
                     seqs.append(Sequence(self, i, ids[start:end], raw,
-                                         types[start:end] if types else None,
-                                         adapter=self.adapter))
+                                         types[start:end] if types else None))
             else:
                 types = self.token_type_ids[i] if self.token_type_ids is not None else None
                 attended = self.attended[i] if self.attended is not None else None
-                seqs.append(Sequence(self, i, ids, self.options, types, attended=attended,
-                                     adapter=self.adapter))
+                seqs.append(Sequence(self, i, ids, self.options, types, attended=attended))
         self.remaining = len(seqs)
         return seqs
 
@@ -143,7 +141,6 @@ class Sequence:
     pixels: torch.Tensor | None = None   # an image input instead of tokens
     image_tokens: int = 0                # its cost in the batch's token budget
     attended: int | None = None          # how many of its first tokens are attended to
-    adapter: int = 0                     # its LoRA adapter's slot (0: the base model)
 
     @property
     def num_tokens(self) -> int:
