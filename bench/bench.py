@@ -9,7 +9,7 @@
 On bench/data/queries.jsonl and passages.jsonl separately, with the same model and thread count:
 sentence-transformers `encode` (the baseline of every ratio), ONNX Runtime float32 and int8
 (bench/baselines.py: the way fastembed, Infinity and TEI's CPU backend run it), and poolsvc's
-offline API in float32, bfloat16 and int8; then each poolsvc dtype served over gRPC on loopback
+offline API in float32 and bfloat16; then each poolsvc dtype served over gRPC on loopback
 to one-text requests from a separate client process (bench/load_client.py), 1, 8 and 64 in
 flight. Throughput counts the same tokens for every system (the model's tokenizer, truncated at
 its max_seq_length, special tokens included). Prints one table per part and then every target
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 SHORT = "How do I open a file for reading?"
 SYSTEMS = ("st", "ort-fp32", "ort-fp32-fused", "ort-int8", "poolsvc-float32",
-           "poolsvc-bfloat16", "poolsvc-int8")
+           "poolsvc-bfloat16")
 LABELS = {
     "st": "sentence-transformers encode, fp32",
     "ort-fp32": "ONNX Runtime fp32, ORT_ENABLE_ALL",
@@ -46,7 +46,6 @@ LABELS = {
     "ort-int8": "ONNX Runtime int8 per-channel",
     "poolsvc-float32": "poolsvc float32",
     "poolsvc-bfloat16": "poolsvc bfloat16",
-    "poolsvc-int8": "poolsvc int8",
 }
 
 
@@ -84,9 +83,7 @@ def random_model(kind: str, directory: Path) -> Path:
 class PoolsvcEncoder:
     def __init__(self, model_path: str, device: str, dtype: str, threads: int):
         from poolsvc import LLM
-        quantize = {"quantize": "int8"} if dtype == "int8" else {}
-        self.llm = LLM(model_path, device=device, dtype="float32" if dtype == "int8" else dtype,
-                       threads=threads, **quantize)
+        self.llm = LLM(model_path, device=device, dtype=dtype, threads=threads)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         outs = self.llm.embed(texts, truncate_prompt_tokens=-1, use_tqdm=False)
@@ -227,10 +224,9 @@ def latencies(workers: dict[str, Worker], samples: int, blocks: int = 4) -> dict
 
 
 def start_server(args, model_path: str, dtype: str, log: Path) -> tuple[subprocess.Popen, str]:
-    quantize = ["--quantize", "int8"] if dtype == "int8" else []
     cmd = [sys.executable, "-m", "poolsvc", "serve", "--model", model_path, "--port", "0",
-           "--device", args.device, "--dtype", "float32" if dtype == "int8" else dtype,
-           "--threads", str(args.threads), "--auto-truncate", *quantize]
+           "--device", args.device, "--dtype", dtype, "--threads", str(args.threads),
+           "--auto-truncate"]
     handle = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + 600
@@ -412,12 +408,12 @@ def targets(results: dict, workloads: list[str]) -> list[dict]:
                 1.0)
         add("float32 min cosine to sentence-transformers", s["poolsvc-float32"]["min_cosine_to_st"],
             0.99999, "{:.6f}")
-    if "poolsvc-int8" in s and "ort-int8" in s:
+    if "poolsvc-bfloat16" in s and "ort-int8" in s:  # int8 was removed for bfloat16
         for w in workloads:
-            add(f"int8 {w}: poolsvc int8 / ORT int8 per-channel",
-                s["poolsvc-int8"][w]["vs_st"] / s["ort-int8"][w]["vs_st"], 1.0)
-        add("int8 min cosine to sentence-transformers", s["poolsvc-int8"]["min_cosine_to_st"],
-            0.99, "{:.4f}")
+            add(f"int8's place, {w}: poolsvc bf16 / ORT int8 per-channel",
+                s["poolsvc-bfloat16"][w]["vs_st"] / s["ort-int8"][w]["vs_st"], 1.0)
+        add("int8's place: bf16 min cosine to sentence-transformers",
+            s["poolsvc-bfloat16"]["min_cosine_to_st"], 0.99, "{:.4f}")
     if "poolsvc-bfloat16" in s and ort:
         for w in workloads:
             best = max(s[n][w]["vs_st"] for n in ort)

@@ -13,6 +13,7 @@ import sys
 from poolsvc import __version__
 from poolsvc.batch.config import BatchConfig
 from poolsvc.config import ConfigError, ServerConfig
+from poolsvc.engine.config import REMOVED
 
 
 def _flag_type(parse):
@@ -26,7 +27,17 @@ def _flag_type(parse):
     return convert
 
 
+class _Removed(argparse.Action):
+    """A flag that no longer exists: using it stops with what to use instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: " + REMOVED[self.dest].format(dtype="--dtype"))
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, config: type = ServerConfig) -> None:
+    for name in REMOVED:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, action=_Removed, nargs="?",
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for f in dataclasses.fields(config):
         meta = f.metadata
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))

@@ -26,7 +26,7 @@ class PoolsvcEmbedder:
     batch column holding the texts; `output_column`: the column added; `dimensions`,
     `normalize`: as PoolingParams; `truncate_prompt_tokens`: as LLM.embed (-1: cut at the
     model's maximum; default: a longer text fails the batch). Other keyword arguments are
-    LLM's (device, dtype, threads, max_model_len, pooler_config, quantize, ...)."""
+    LLM's (device, dtype, threads, max_model_len, pooler_config, ...)."""
 
     def __init__(self, model: str | None = None, *, column: str = "text",
                  output_column: str = "embedding", dimensions: int | None = None,

@@ -178,6 +178,9 @@ def test_vllm_offline_spellings(tmp_path, minilm_path, llm):
             small.embed(long_text)
     with pytest.raises(TypeError, match="unknown options \\['swap_space'\\]; poolsvc's options"):
         LLM(swap_space=4, **CPU)
+    with pytest.raises(TypeError, match="quantize=...\\): int8 quantization was removed.*"
+                       "use dtype=bfloat16"):
+        LLM(quantize="int8", **CPU)
     with pytest.raises(ValueError, match="trust_remote_code=True.*not supported"):
         LLM(trust_remote_code=True, **CPU)
 

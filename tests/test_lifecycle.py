@@ -217,3 +217,13 @@ def test_bad_flags_are_usage_errors():
     done = subprocess.run([*serve, "--max-batch-tokens", "100"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "below all-MiniLM-L6-v2's 256-token input limit" in done.stderr
+    # a removed flag says what replaces it, and is no longer offered
+    for command in ("serve", "run-batch"):
+        done = subprocess.run([sys.executable, "-m", "poolsvc", command, "--quantize", "int8"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "--quantize: int8 quantization was removed" in done.stderr
+        assert "use --dtype=bfloat16" in done.stderr
+        helped = subprocess.run([sys.executable, "-m", "poolsvc", command, "--help"],
+                                capture_output=True, text=True, timeout=60)
+        assert "--dtype" in helped.stdout and "--quantize" not in helped.stdout

@@ -274,7 +274,7 @@ def test_bad_arguments_are_one_clear_line():
 
     help_text = cli("--help").stdout
     for flag in ("-i INPUT", "-o OUTPUT", "--model", "--dtype", "--threads", "--pooler-config",
-                 "--quantize", "--max-model-len", "--output-dtype", "--id-field", "--overwrite"):
+                 "--max-model-len", "--output-dtype", "--id-field", "--overwrite"):
         assert flag in help_text, flag
     done = cli("-i", "README.md", "-o", "out.csv")
     assert done.returncode == 2 and "write .jsonl" in done.stderr and ".npy" in done.stderr

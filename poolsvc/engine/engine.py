@@ -89,7 +89,6 @@ class Engine:
             model = load_model(spec, device, dtype, is_default=i == 0,
                                pooler_config=self.config.pooler_config(spec.name),
                                allow_pickle=self.config.allow_pickle_weights,
-                               quantize=self.config.quantize,
                                use_kernels=not self.config.disable_kernels,
                                max_model_len=self.config.max_model_len,
                                adapters=self.config.loras if i == 0 else ())

@@ -29,7 +29,6 @@ from poolsvc.engine.model_files import DenseSpec, ModelFiles, read_model_files
 from poolsvc.engine.models import ARCHITECTURES, SPARSE_ARCHITECTURES, dual, hf_fallback
 from poolsvc.engine.params import PoolingType, Splade
 from poolsvc.engine.pooler import DenseHead
-from poolsvc.engine.quantize import quantize_int8
 from poolsvc.engine.reranker import AnswerReranker, answer_rows, reranker_config
 from poolsvc.engine.served import ServedModel
 from poolsvc.engine.tokenizer import TextTokenizer, load_hf_tokenizer
@@ -132,7 +131,7 @@ def fill_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
 
 
 def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_default: bool,
-               pooler_config: PoolerConfig, allow_pickle: bool = False, quantize: str = "none",
+               pooler_config: PoolerConfig, allow_pickle: bool = False,
                use_kernels: bool = True, max_model_len: int = 0,
                adapters: tuple[LoraSpec, ...] = ()) -> ServedModel:
     """The model `spec` names, on `device` in `dtype`, ready to serve, with the LoRA
@@ -145,8 +144,6 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
         if adapters:
             raise ModelLoadError(f"{spec.name}: LoRA adapters (--lora) are served on poolsvc's "
                                  "packed models only, not on CLIP / SigLIP")
-        if quantize != "none":
-            raise ModelLoadError(f"{spec.name}: --quantize does not apply to CLIP / SigLIP")
         backend = dual.load(files, allow_pickle, dtype, device)
         vocab_size, implementation = backend.model.config.text_config.vocab_size, "transformers"
         logit = backend.logit_scale_and_bias()
@@ -163,16 +160,10 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
         elif (heads := read_heads(files.path)) is not None:  # BGE-M3's sparse and colbert heads
             backend = BGEM3(backend, *heads)
         backend = backend.to(device=device, dtype=dtype).eval()
-        if adapters:  # before int8 and oneDNN, which then replace the layers inside its wrappers
+        if adapters:  # before oneDNN, which then replace the layers inside its wrappers
             adapter_infos = _attach_adapters(spec, files, body, implementation, adapters, device,
                                              dtype)
-        if quantize == "int8":
-            if device.type != "cpu":
-                raise ModelLoadError("--quantize int8 is a CPU option; on GPUs use --dtype "
-                                     "float16 or bfloat16")
-            quantize_int8(backend)
-            implementation += "+int8"
-        elif use_kernels and device.type == "cpu" and implementation == "poolsvc" \
+        if use_kernels and device.type == "cpu" and implementation == "poolsvc" \
                 and cpu.supports(dtype):
             log.info("%s: %d matrix products on the oneDNN CPU path", spec.name,
                      cpu.optimize(backend))
