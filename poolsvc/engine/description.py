@@ -50,7 +50,7 @@ class ModelDescription:
     is_default: bool
     kind: Kind
     architecture: str
-    implementation: str            # "poolsvc" (own packed code) or "transformers", +"int8" ...
+    implementation: str            # "poolsvc" (own packed code) or "transformers", +"kernels"
     device: str
     compute_dtype: str
     hidden_size: int

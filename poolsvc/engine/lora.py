@@ -141,7 +141,7 @@ class BatchAdapters:
 class LoraLinear(nn.Module):
     """A linear layer and, per adapter slot, the low-rank update of its output: for the rows of
     the batch that run with adapter s, base(x) + x Aₛᵀ (scale Bₛ)ᵀ. `base` is any layer from
-    [rows, in] to [rows, out] (nn.Linear, or what the int8 and oneDNN transforms make of it)."""
+    [rows, in] to [rows, out] (nn.Linear, or what the oneDNN transform makes of it)."""
 
     def __init__(self, base: nn.Module, batch_rows: BatchAdapters):
         super().__init__()
@@ -173,8 +173,8 @@ def attach_adapters(body: Backend, adapters: list[LoraAdapter], device: torch.de
                     dtype: torch.dtype) -> None:
     """Serves `adapters` on `body` (a packed model, on its device in its dtype) as slots 1, 2,
     ... in order; slot 0 is the base model. Every targeted module must be a linear layer of the
-    body whose shape fits the adapter's update. Run it before the int8 and oneDNN transforms:
-    they then replace the base layers inside the wrappers."""
+    body whose shape fits the adapter's update. Run it before the oneDNN transform: it
+    then replaces the base layers inside the wrappers."""
     batch_rows = BatchAdapters()
     layers: dict[str, LoraLinear] = {}
     prefix = body.weight_prefix  # peft names a task model's body with it ("bert.", "model.")
