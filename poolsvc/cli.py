@@ -34,13 +34,18 @@ class _Removed(argparse.Action):
         parser.error(f"{option_string}: " + REMOVED[self.dest].format(dtype="--dtype"))
 
 
+def _flag(name: str) -> str:
+    """A config field's command-line flag, unless its metadata names another."""
+    return "--" + name.replace("_", "-")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, config: type = ServerConfig) -> None:
     for name in REMOVED:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, action=_Removed, nargs="?",
+        parser.add_argument(_flag(name), dest=name, action=_Removed, nargs="?",
                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for f in dataclasses.fields(config):
         meta = f.metadata
-        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        flag = meta.get("flag", _flag(f.name))
         if meta.get("required"):
             parser.add_argument(meta["short"], flag, dest=f.name, required=True,
                                 metavar=meta.get("metavar"), help=meta["help"])

@@ -155,8 +155,8 @@ class LLM:
                 pooler_config = PoolerConfig.from_dict(pooler_config)
             overrides = (PoolerOverride("", pooler_config),)
         limits = Limits(**{k: kwargs.pop(k) for k in list(kwargs) if k in _LIMIT_FIELDS})
-        for name in sorted(set(kwargs) & set(REMOVED)):
-            raise TypeError(f"LLM({name}=...): " + REMOVED[name].format(dtype="dtype"))
+        if removed := sorted(set(kwargs) & set(REMOVED)):
+            raise TypeError(f"LLM({removed[0]}=...): " + REMOVED[removed[0]].format(dtype="dtype"))
         if unknown := sorted(set(kwargs) - _ENGINE_FIELDS):
             known = sorted(_ENGINE_FIELDS - {"models", "pooler_configs"} | _LIMIT_FIELDS)
             raise TypeError(f"LLM got unknown options {unknown}; poolsvc's options: model, task, "

@@ -160,7 +160,7 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
         elif (heads := read_heads(files.path)) is not None:  # BGE-M3's sparse and colbert heads
             backend = BGEM3(backend, *heads)
         backend = backend.to(device=device, dtype=dtype).eval()
-        if adapters:  # before oneDNN, which then replace the layers inside its wrappers
+        if adapters:  # before oneDNN, which then replaces the layers inside their wrappers
             adapter_infos = _attach_adapters(spec, files, body, implementation, adapters, device,
                                              dtype)
         if use_kernels and device.type == "cpu" and implementation == "poolsvc" \
