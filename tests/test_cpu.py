@@ -1,5 +1,6 @@
 """The CPU fast path (engine/cpu.py) keeps every family equal to transformers, and the attention
-shortcuts for in-order buckets equal the general gather / scatter path."""
+shortcuts (short sequences in masked blocks, in-order buckets read as slices) equal each sequence
+attended alone."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tiny_models import load_ours  # noqa: E402
 
-from poolsvc.engine import cpu  # noqa: E402
+from poolsvc.engine import cpu, packing  # noqa: E402
 from poolsvc.engine.layers import qkv_attention, varlen_attention  # noqa: E402
-from poolsvc.engine.packing import PackedBatch  # noqa: E402
+from poolsvc.engine.packing import AttentionBlock, AttentionBucket, PackedBatch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu.supports(torch.float32),
                                 reason="this torch build has no oneDNN")
@@ -148,6 +149,40 @@ def test_in_order_buckets_read_slices(lens, causal):
         assert (qkv_attention(torch.stack(qkv, 1), batch) - want).abs().max() <= 1e-5
     starts = [b.start for b in batch.buckets]
     assert (starts == [0]) == (len(set(lens)) == 1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens, key_lens, groups", [
+    ([3, 5, 2, 7, 4], None, [(AttentionBlock, 0, 8), (AttentionBlock, 8, 10),
+                             (AttentionBlock, 10, 17), (AttentionBlock, 17, 21)]),
+    ([12, 3, 4, 20, 2, 2], None, [(AttentionBlock, 12, 19), (AttentionBlock, 39, 43),
+                                  (AttentionBucket, 19, 39), (AttentionBucket, 0, 12)]),
+    ([5, 6, 3], [2, 6, 1], [(AttentionBlock, 0, 5), (AttentionBlock, 5, 11),
+                            (AttentionBlock, 11, 14)]),  # ColBERT: only the first keys attended
+])
+def test_blocks_equal_each_sequence_alone(monkeypatch, dtype, lens, key_lens, groups):
+    """Runs of sequences of at most BLOCK_TOKENS tokens (8 here) are attended side by side in
+    blocks of at most 8 rows, longer ones in buckets; every row sees its own sequence's keys
+    only, in float32 (two products) and bfloat16 (SDPA) alike."""
+    monkeypatch.setattr(packing, "BLOCK_TOKENS", 8)
+    torch.manual_seed(3)
+    batch = PackedBatch.build([[1] * n for n in lens], None, torch.device("cpu"),
+                              key_lens=key_lens)
+    got_groups = [(type(g), g.start, g.stop) if isinstance(g, AttentionBlock)
+                  else (type(g), g.start, g.start + g.rows.numel()) for g in batch.blocks]
+    assert got_groups == groups
+    qkv = torch.randn(sum(lens), 3, 4, 8)
+    keys = key_lens or lens
+    cu = batch.cu_seqlens.tolist()
+    want = torch.cat([  # each sequence alone, in float32, on its first keys[i] keys
+        F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[:, :n] if j else
+                                         t[a:b].transpose(0, 1) for j, t in enumerate(
+                                             qkv.unbind(1)))).transpose(0, 1)
+        for a, b, n in zip(cu[:-1], cu[1:], keys)])
+    tol = 1e-5 if dtype is torch.float32 else 3e-2
+    assert (qkv_attention(qkv.to(dtype), batch).float() - want).abs().max() <= tol
+    assert (varlen_attention(*qkv.to(dtype).unbind(1), batch).float() - want).abs().max() <= tol
 
 
 def test_split_and_sort_keep_every_row():

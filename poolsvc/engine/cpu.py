@@ -256,7 +256,8 @@ def _in_slices(forward):
     tokens, one after the other: every activation of a slice fits in cache, and no tensor of a
     big batch is large enough to be mapped fresh from the OS (page faults) at every layer.
     Sequences never span slices, so the rows are the same. Slices take the sequences by length,
-    so each has one or two attention buckets (+4% on queries, in the batch's order rows alike)."""
+    so each has few attention buckets and blocks of sequences of similar length (+4% on queries
+    against the batch's order, with buckets)."""
 
     def run(batch: PackedBatch) -> torch.Tensor:
         if batch.pixel_values is not None or len(batch.split(SLICE_TOKENS)) == 1:

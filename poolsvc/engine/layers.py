@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from poolsvc.engine.packing import AttentionBucket, PackedBatch
+from poolsvc.engine.packing import AttentionBlock, AttentionBucket, PackedBatch
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +88,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
     of the scores, default 1/sqrt(head_dim). `softcap`: scores become
     softcap * tanh(scores / softcap) before the mask (Gemma2), computed with explicit products
     as transformers' eager attention does. On CUDA this is flash varlen attention unless a
-    window, a bias or a softcap is given. CPU SDPA has no varlen form: sequences of similar
-    length are padded together (the batch's buckets), so padding costs at most BUCKET_SLACK.
+    window, a bias or a softcap is given. CPU SDPA has no varlen form: there, short sequences
+    side by side are attended as one masked block (the batch's blocks), and the rest padded
+    with sequences of similar length (its buckets), so padding costs at most BUCKET_SLACK.
     """
     num_tokens, heads, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -128,15 +129,26 @@ def _padded_attention(x, batch: PackedBatch, causal: bool, scale: float, gqa: bo
                       window: int | None = None,
                       bias: ScoreBias | None = None,
                       softcap: float | None = None) -> torch.Tensor:
-    """x: (q, k, v), or qkv [num_tokens, 3, heads, head_dim]. Runs on any device."""
-    buckets = batch.buckets
-    if len(buckets) == 1 and buckets[0].start == 0:  # every row, in order: nothing to scatter
-        return _bucket_attention(x, buckets[0], causal, scale, gqa, window, bias, softcap)
+    """x: (q, k, v), or qkv [num_tokens, 3, heads, head_dim]. Runs on any device. Plain
+    bidirectional attention takes the batch's blocks (short sequences side by side, masked),
+    anything else its buckets (padded)."""
+    plain = not (causal or gqa) and window is None and bias is None and softcap is None
+    groups = batch.blocks if plain else batch.buckets
+
+    def attend(group: AttentionBlock | AttentionBucket) -> torch.Tensor:
+        if isinstance(group, AttentionBlock):
+            return _block_attention(x, group, scale)
+        return _bucket_attention(x, group, causal, scale, gqa, window, bias, softcap)
+
+    if len(groups) == 1 and groups[0].start == 0:  # every row, in order: nothing to scatter
+        return attend(groups[0])
     q = x[0] if isinstance(x, tuple) else x[:, 0]
     out = q.new_empty(q.shape)
-    for bucket in buckets:
-        out.index_copy_(0, bucket.rows,
-                        _bucket_attention(x, bucket, causal, scale, gqa, window, bias, softcap))
+    for group in groups:
+        if isinstance(group, AttentionBlock):
+            out[group.start:group.stop] = attend(group)
+        else:
+            out.index_copy_(0, group.rows, attend(group))
     return out
 
 
@@ -157,6 +169,27 @@ def _short_attention(q, k, v, mask, scale: float, softcap: float | None = None) 
     elif mask is not None:
         scores.add_(mask)
     return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def _block_attention(x, block: AttentionBlock, scale: float) -> torch.Tensor:
+    """Attention over one block's rows as one sequence, its bias keeping each sequence to
+    itself; returns the block's rows [rows, heads, head_dim]."""
+    rows = slice(block.start, block.stop)
+    if isinstance(x, tuple):
+        q, k, v = (t[rows].transpose(0, 1) for t in x)  # [heads, rows, head_dim]
+    else:
+        q, k, v = x[rows].permute(1, 2, 0, 3).unbind(0)
+    if q.dtype is torch.float32 and q.shape[1] <= SHORT_WIDTH:  # two products, one softmax
+        if block.bias is None:
+            scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [heads, rows, rows]
+        else:  # the bias added and the scale applied inside the product
+            scores = torch.baddbmm(block.bias, q, k.transpose(1, 2), alpha=scale)
+        out = torch.bmm(torch.softmax(scores, dim=-1), v)
+    else:
+        bias = None if block.bias is None else block.bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias,
+                                             scale=scale)[0]
+    return out.transpose(0, 1)
 
 
 @functools.lru_cache(maxsize=64)

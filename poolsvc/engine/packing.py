@@ -11,6 +11,11 @@ import torch
 
 # CPU attention pads sequences of similar length together; a bucket may waste this fraction.
 BUCKET_SLACK = 0.1
+# Runs of sequences of at most this many tokens are attended as blocks of at most this many rows
+# (AttentionBlock). On 8, 64 and 512 queries (~21 tokens) of MiniLM, float32 forward passes ran
+# 1.07-1.13x, 1.04-1.05x and 1.04x faster than with buckets at 48-64; at 256, 0.92x (each
+# sequence then computes scores against ~10 others' keys).
+BLOCK_TOKENS = 64
 # Per LoRA adapter slot in a batch: its packed rows, a slice when they are one run.
 AdapterRows = tuple[tuple[int, slice | torch.Tensor], ...]
 
@@ -32,6 +37,19 @@ class AttentionBucket:
     num_seqs: int
     max_seqlen: int
     start: int | None = None
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """Consecutive short sequences, rows start:stop, attended as one sequence whose `bias`
+    ([rows, rows] float32, added to the scores: 0 where a row may attend to a column, -inf
+    elsewhere) keeps each sequence to its own keys; None when the block is one sequence whose
+    every token is a key. Against a bucket: no gather, no padding and no scatter, for a few more
+    scores (each row against the block's width)."""
+
+    start: int
+    stop: int
+    bias: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,40 @@ class PackedBatch:
         keys = self.key_lens or self.prompt_lens
         return tuple(_bucket(members, self.prompt_lens, cu, device, keys)
                      for members in _group_by_length(self.prompt_lens))
+
+    @cached_property
+    def blocks(self) -> tuple[AttentionBlock | AttentionBucket, ...]:
+        """Attention groups for bidirectional attention without a score bias, for devices
+        without varlen attention: each run of consecutive sequences of at most BLOCK_TOKENS
+        tokens as blocks of at most BLOCK_TOKENS rows, longer sequences in buckets; built on
+        first use and shared by every layer."""
+        keys = self.key_lens or self.prompt_lens
+        device = self.input_ids.device
+        groups: list[AttentionBlock | AttentionBucket] = []
+        long: list[int] = []
+        run: list[int] = []  # the block being filled: its sequences
+
+        def close() -> None:
+            if run:
+                groups.append(_block(run, self.prompt_lens, keys, cu, device))
+                run.clear()
+
+        cu = list(accumulate(self.prompt_lens, initial=0))
+        for i, n in enumerate(self.prompt_lens):
+            if n > BLOCK_TOKENS:
+                close()
+                long.append(i)
+                continue
+            if run and cu[i] + n - cu[run[0]] > BLOCK_TOKENS:
+                close()
+            run.append(i)
+        close()
+        if long:
+            lens = tuple(self.prompt_lens[i] for i in long)
+            cu_all = np.asarray(cu, dtype=np.int64)
+            groups += [_bucket([long[j] for j in members], self.prompt_lens, cu_all, device, keys)
+                       for members in _group_by_length(lens)]
+        return tuple(groups)
 
     @cached_property
     def key_rows(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -212,6 +264,22 @@ def _group_by_length(lens: tuple[int, ...]) -> list[list[int]]:
         else:
             groups.append([i])
     return groups
+
+
+def _block(members: list[int], lens: tuple[int, ...], keys: tuple[int, ...], cu: list[int],
+           device: torch.device) -> AttentionBlock:
+    """The block of consecutive sequences `members`."""
+    start, stop = cu[members[0]], cu[members[-1] + 1]
+    if len(members) == 1 and keys[members[0]] == lens[members[0]]:
+        return AttentionBlock(start, stop, None)
+    sizes = [lens[i] for i in members]
+    seq = np.repeat(np.arange(len(members)), sizes)  # each row's sequence in the block
+    position = np.arange(stop - start) - np.repeat(np.asarray(cu[members[0]:members[-1] + 1])
+                                                   - start, sizes)
+    is_key = position < np.repeat(np.asarray([keys[i] for i in members]), sizes)
+    attend = (seq[:, None] == seq[None, :]) & is_key[None, :]  # [rows, rows]
+    bias = np.where(attend, np.float32(0), np.float32(-np.inf))
+    return AttentionBlock(start, stop, torch.from_numpy(bias).to(device))
 
 
 def _bucket(members: list[int], lens: tuple[int, ...], cu: np.ndarray,
