@@ -175,23 +175,25 @@ def _block_attention(x, block: AttentionBlock, scale: float) -> torch.Tensor:
     """Attention over one block's rows as one sequence, its bias keeping each sequence to
     itself; returns the block's rows [rows, heads, head_dim]."""
     rows = slice(block.start, block.stop)
+    dtype = (x[0] if isinstance(x, tuple) else x).dtype
+    # Two products and a softmax, in float32 (blocks are at most SHORT_WIDTH wide), unless the
+    # block is one bfloat16 sequence: for a bfloat16 block of several sequences 1.2-1.4x masked
+    # flash SDPA's speed, with no rounding of the scores; for one, flash (11 tokens: 33 against
+    # 40 us).
+    products = block.bias is not None or dtype is torch.float32
     if isinstance(x, tuple):
-        q, k, v = (t[rows].transpose(0, 1) for t in x)  # [heads, rows, head_dim]
-    else:
-        q, k, v = x[rows].permute(1, 2, 0, 3).unbind(0)
-    if block.bias is not None or q.dtype is torch.float32:
-        # Two products and a softmax, in float32 (blocks are at most SHORT_WIDTH wide): for a
-        # bfloat16 block of several sequences, 1.2-1.4x masked flash SDPA's speed, and no
-        # rounding of the scores.
-        dtype = q.dtype
-        q, k, v = q.float(), k.float(), v.float()
-        if block.bias is None:
-            scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [heads, rows, rows]
-        else:  # the bias added and the scale applied inside the product
-            scores = torch.baddbmm(block.bias, q, k.transpose(1, 2), alpha=scale)
-        out = torch.bmm(torch.softmax(scores, dim=-1), v).to(dtype)
-    else:  # one bfloat16 sequence: flash SDPA (at 11 tokens 33 against 40 us)
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale)[0]
+        q, k, v = (t[rows].transpose(0, 1).float() if products else t[rows].transpose(0, 1)
+                   for t in x)  # [heads, rows, head_dim]
+    else:  # one copy to float32 for the three
+        q, k, v = (x[rows].float() if products else x[rows]).permute(1, 2, 0, 3).unbind(0)
+    if not products:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale)[0] \
+            .transpose(0, 1)
+    if block.bias is None:
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [heads, rows, rows]
+    else:  # the bias added and the scale applied inside the product
+        scores = torch.baddbmm(block.bias, q, k.transpose(1, 2), alpha=scale)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v).to(dtype)
     return out.transpose(0, 1)
 
 
