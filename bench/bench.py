@@ -395,13 +395,17 @@ def targets(results: dict, workloads: list[str]) -> list[dict]:
                     "wanted": fmt.format(wanted), "met": value >= wanted})
 
     ort = [n for n in ("ort-fp32", "ort-fp32-fused") if n in s]
-    if "poolsvc-float32" in s and ort:
+    # The target names no dtype of ours: each measured dtype against ORT's float32.
+    for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):
+        if f"poolsvc-{dtype}" not in s or not ort:
+            continue
         fastest = min(s[n]["short_p50_ms"] for n in ort)
-        add("one short text p50: ORT fp32 p50 / poolsvc fp32 p50, offline",
-            fastest / s["poolsvc-float32"]["short_p50_ms"], 1.0)
-        if "served" in results and "float32" in results["served"]:
-            add("one short text p50: ORT fp32 p50 / poolsvc fp32 p50, served",
-                fastest / results["served"]["float32"]["idle_p50_ms"], 1.0)
+        add(f"one short text p50: ORT fp32 p50 / poolsvc {short} p50, offline",
+            fastest / s[f"poolsvc-{dtype}"]["short_p50_ms"], 1.0)
+        if dtype in results.get("served", {}):
+            add(f"one short text p50: ORT fp32 p50 / poolsvc {short} p50, served",
+                fastest / results["served"][dtype]["idle_p50_ms"], 1.0)
+    if "poolsvc-float32" in s and ort:
         for w in workloads:
             best = max(s[n][w]["vs_st"] for n in ort)
             add(f"float32 {w}: poolsvc / fastest ORT fp32", s["poolsvc-float32"][w]["vs_st"] / best,
