@@ -2,7 +2,7 @@
 
     pip install -e '.[bench]'
     python bench/bench.py                       # the bundled all-MiniLM-L6-v2, every system
-    python bench/bench.py --repeat 3            # three interleaved rounds, medians
+    python bench/bench.py --repeat 3            # three interleaved rounds, the best of each
     python bench/bench.py --systems st,ort-fp32,poolsvc-float32 --no-served
     python bench/bench.py --random bert-base --device cuda --systems st,poolsvc-bfloat16
 
