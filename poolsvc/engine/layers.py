@@ -176,10 +176,10 @@ def _block_attention(x, block: AttentionBlock, scale: float) -> torch.Tensor:
     itself; returns the block's rows [rows, heads, head_dim]."""
     rows = slice(block.start, block.stop)
     dtype = (x[0] if isinstance(x, tuple) else x).dtype
-    # Two products and a softmax, in float32 (blocks are at most SHORT_WIDTH wide), unless the
-    # block is one bfloat16 sequence: for a bfloat16 block of several sequences 1.2-1.4x masked
-    # flash SDPA's speed, with no rounding of the scores; for one, flash (11 tokens: 33 against
-    # 40 us).
+    # Two products and a softmax, in float32 (blocks are at most BLOCK_TOKENS = 64 wide, where
+    # they beat flash SDPA: see SHORT_WIDTH), unless the block is one bfloat16 sequence. For a
+    # bfloat16 block of several sequences they run at 1.2-1.4x masked flash SDPA's speed, and
+    # do not round the scores; for one, flash is faster (11 tokens: 33 against 40 us).
     products = block.bias is not None or dtype is torch.float32
     if isinstance(x, tuple):
         q, k, v = (t[rows].transpose(0, 1).float() if products else t[rows].transpose(0, 1)
