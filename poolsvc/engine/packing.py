@@ -12,9 +12,9 @@ import torch
 # CPU attention pads sequences of similar length together; a bucket may waste this fraction.
 BUCKET_SLACK = 0.1
 # Runs of sequences of at most this many tokens are attended as blocks of at most this many rows
-# (AttentionBlock). On 8, 64 and 512 queries (~21 tokens) of MiniLM, float32 forward passes ran
-# 1.07-1.13x, 1.04-1.05x and 1.04x faster than with buckets at 48-64; at 256, 0.92x (each
-# sequence then computes scores against ~10 others' keys).
+# (AttentionBlock). MiniLM's float32 forward pass on 8, 64 and 512 queries (~21 tokens) ran at
+# a median 1.09x, 1.05x and 1.04x of the buckets' speed with 64; 48 was as good, 96 worse, and
+# 256 slower than buckets on 64 queries (0.92x: each row scored against ~10 others' keys).
 BLOCK_TOKENS = 64
 # Per LoRA adapter slot in a batch: its packed rows, a slice when they are one run.
 AdapterRows = tuple[tuple[int, slice | torch.Tensor], ...]
