@@ -35,7 +35,8 @@ class _Removed(argparse.Action):
 
 
 def _flag(name: str) -> str:
-    """A config field's command-line flag, unless its metadata names another."""
+    """The command-line flag derived from an option's name (a config field may name another
+    in its metadata)."""
     return "--" + name.replace("_", "-")
 
 

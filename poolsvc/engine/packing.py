@@ -97,11 +97,7 @@ class PackedBatch:
     def buckets(self) -> tuple[AttentionBucket, ...]:
         """Padded attention groups, for devices without varlen attention; built on first use
         and shared by every layer."""
-        cu = np.fromiter(accumulate(self.prompt_lens, initial=0), dtype=np.int64)
-        device = self.input_ids.device
-        keys = self.key_lens or self.prompt_lens
-        return tuple(_bucket(members, self.prompt_lens, cu, device, keys)
-                     for members in _group_by_length(self.prompt_lens))
+        return self._buckets(range(self.num_seqs))
 
     @cached_property
     def blocks(self) -> tuple[AttentionBlock | AttentionBucket, ...]:
@@ -109,33 +105,32 @@ class PackedBatch:
         without varlen attention: each run of consecutive sequences of at most BLOCK_TOKENS
         tokens as blocks of at most BLOCK_TOKENS rows, longer sequences in buckets; built on
         first use and shared by every layer."""
-        keys = self.key_lens or self.prompt_lens
-        device = self.input_ids.device
-        groups: list[AttentionBlock | AttentionBucket] = []
-        long: list[int] = []
-        run: list[int] = []  # the block being filled: its sequences
-
-        def close() -> None:
-            if run:
-                groups.append(_block(run, self.prompt_lens, keys, cu, device))
-                run.clear()
-
         cu = list(accumulate(self.prompt_lens, initial=0))
+        runs: list[list[int]] = []  # each block's sequences
+        long: list[int] = []
         for i, n in enumerate(self.prompt_lens):
             if n > BLOCK_TOKENS:
-                close()
                 long.append(i)
-                continue
-            if run and cu[i] + n - cu[run[0]] > BLOCK_TOKENS:
-                close()
-            run.append(i)
-        close()
-        if long:
-            lens = tuple(self.prompt_lens[i] for i in long)
-            cu_all = np.asarray(cu, dtype=np.int64)
-            groups += [_bucket([long[j] for j in members], self.prompt_lens, cu_all, device, keys)
-                       for members in _group_by_length(lens)]
-        return tuple(groups)
+            elif runs and runs[-1][-1] == i - 1 and cu[i + 1] - cu[runs[-1][0]] <= BLOCK_TOKENS:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        keys = self.key_lens or self.prompt_lens
+        device = self.input_ids.device
+        return tuple(_block(run, self.prompt_lens, keys, cu, device) for run in runs) \
+            + self._buckets(long)
+
+    def _buckets(self, seqs) -> tuple[AttentionBucket, ...]:
+        """The sequences `seqs` (indices, in order) in buckets of similar length."""
+        seqs = list(seqs)
+        if not seqs:
+            return ()
+        cu = np.fromiter(accumulate(self.prompt_lens, initial=0), dtype=np.int64)
+        device = self.input_ids.device
+        keys = self.key_lens or self.prompt_lens
+        lens = tuple(self.prompt_lens[i] for i in seqs)
+        return tuple(_bucket([seqs[j] for j in members], self.prompt_lens, cu, device, keys)
+                     for members in _group_by_length(lens))
 
     @cached_property
     def key_rows(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
