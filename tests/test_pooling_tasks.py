@@ -36,9 +36,11 @@ def test_every_pooling_mode_with_dense_layers(tmp_path, body, mode):
     want = SentenceTransformer(str(directory), device="cpu").encode(SHORT, convert_to_numpy=True)
     with LLM(str(directory), **CPU) as llm:
         got = embeddings(llm.embed(SHORT))
+        alone = embeddings([llm.embed([text])[0] for text in SHORT])  # one-sequence batches
         info = llm.engine.model("")
         assert info.embed_dimensions == 16
     assert np.abs(got - want).max() <= 1e-4
+    assert np.abs(alone - want).max() <= 1e-4
 
 
 def test_dense_without_normalize(tmp_path, body):

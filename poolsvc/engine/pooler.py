@@ -10,6 +10,7 @@ fills the rest from the model's defaults; `pool` then computes with exactly thos
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
@@ -297,6 +298,11 @@ def activate(x: torch.Tensor, activation: Activation) -> torch.Tensor:
 
 # --- methods: packed tokens -> rows --------------------------------------------------------------
 
+# The divisor of a lone sequence's sum, by its length. The segment sum's index building costs a
+# one-text call 3x the plain sum (0.10 against 0.03 ms, MiniLM, measured inside the call).
+_PLAIN_SUMS = {PoolingType.MEAN: float, PoolingType.MEAN_SQRT_LEN: math.sqrt}
+
+
 def sequence_rows(method: PoolingType, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
                   index: torch.Tensor | None) -> torch.Tensor:
     """One float32 row per sequence of `index` (None: every sequence): [n, hidden]."""
@@ -308,6 +314,9 @@ def sequence_rows(method: PoolingType, hidden: torch.Tensor, cu_seqlens: torch.T
         return hidden[ends if index is None else ends[index]].float()
     if index is not None:
         hidden, cu_seqlens = _select(hidden, cu_seqlens, index)
+    if cu_seqlens.numel() == 2 and method in _PLAIN_SUMS:  # one sequence: a plain sum
+        return hidden.sum(0, keepdim=True, dtype=torch.float32) / _PLAIN_SUMS[method](
+            hidden.shape[0])
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).float()[:, None]  # [n, 1]
     if method is PoolingType.MAX:
         out = hidden.new_full((lengths.shape[0], hidden.shape[1]), float("-inf"),
