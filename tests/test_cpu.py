@@ -10,16 +10,24 @@ import os
 # be set first, as in test_kernels.py, or its interpreted kernels cannot run later in the session.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import ctypes  # noqa: E402
+import threading  # noqa: E402
+
 import pytest  # noqa: E402
 import test_models_decoder as dec  # noqa: E402
 import test_models_encoder as enc  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from tiny_models import load_ours  # noqa: E402
+from tiny_models import load_ours, tiny_bert  # noqa: E402
 
 from poolsvc.engine import cpu, packing  # noqa: E402
+from poolsvc.engine.config import EngineConfig, ModelSpec  # noqa: E402
+from poolsvc.engine.engine import Engine  # noqa: E402
 from poolsvc.engine.layers import qkv_attention, varlen_attention  # noqa: E402
 from poolsvc.engine.packing import AttentionBlock, AttentionBucket, PackedBatch  # noqa: E402
+from poolsvc.engine.params import Task  # noqa: E402
+from poolsvc.engine.request import PoolingRequest  # noqa: E402
+from poolsvc.engine.served import ServedModel  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu.supports(torch.float32),
                                 reason="this torch build has no oneDNN")
@@ -61,9 +69,96 @@ def test_packed_linear_equals_linear(gelu, bias):
     if gelu is not None:
         want = F.gelu(want, approximate=gelu)
     else:
-        assert (packed.add(x, residual) - (linear(x) + residual)).abs().max() <= 1e-5
+        for binary, op in (("add", torch.add), ("mul", torch.mul)):
+            fused = cpu.PackedLinear.of(linear, binary=binary)
+            assert (fused(x, residual) - op(linear(x), residual)).abs().max() <= 1e-5
+            with pytest.raises(TypeError, match="pass `other`"):
+                fused(x)
+        with pytest.raises(TypeError, match="pass `other`"):
+            packed(x, residual)
     assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
     assert packed(x[:0]).shape == (0, 80)
+
+
+def created(capfd, fn) -> list[str]:
+    """The oneDNN kernels that fn() builds (misses of oneDNN's kernel cache, which is the
+    process's), from oneDNN's own log."""
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        fn()
+        ctypes.CDLL(None).fflush(None)  # oneDNN prints through C's buffered stdout
+    return [line for line in capfd.readouterr().out.splitlines() if "create:cache_miss" in line]
+
+
+@torch.inference_mode()
+def test_warm_builds_each_product_kernel_for_every_short_block(capfd):
+    """cpu.warm builds each distinct product's kernel for 1..EXACT_ROWS rows, for the calling
+    thread's thread count (oneDNN keys kernels by it); the shapes here are used by no other
+    test, so their kernels start unbuilt."""
+    torch.manual_seed(3)
+
+    def layers(d: int) -> torch.nn.ModuleList:
+        return torch.nn.ModuleList([
+            cpu.PackedLinear.of(torch.nn.Linear(d, 56)),
+            cpu.PackedLinear.of(torch.nn.Linear(d, 56)),  # the same kernel as the first
+            cpu.PackedLinear.of(torch.nn.Linear(d, 56), gelu="tanh"),
+            cpu.PackedLinear.of(torch.nn.Linear(56, d), binary="add"),
+            cpu.PackedLinear.of(torch.nn.Linear(56, d, bias=False), binary="mul")])
+
+    def run(model: torch.nn.ModuleList, d: int):
+        def go():
+            for rows in range(1, cpu.EXACT_ROWS + 1):
+                x = torch.randn(rows, d)
+                h = model[0](x) + model[1](x) + model[2](x)
+                model[4](h, model[3](h, x))
+        return go
+
+    threads = torch.get_num_threads()
+    cold, warmed = layers(40), layers(24)
+    assert cpu.warm(warmed) == 4 * cpu.EXACT_ROWS  # four distinct kernels
+    assert created(capfd, run(warmed, 24)) == []
+    # the control: without warm, each kernel is built on first use
+    assert len(created(capfd, run(cold, 40))) >= 4 * cpu.EXACT_ROWS
+    try:  # warmed for another thread count, they are built again
+        torch.set_num_threads(threads + 1)
+        assert len(created(capfd, run(warmed, 24))) >= 4 * cpu.EXACT_ROWS
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_started_engine_builds_no_kernel_for_short_texts(tmp_path, minilm_path, capfd):
+    """The engine warms up on its runner's thread, with the runner's threads: after start,
+    texts of every length up to EXACT_ROWS tokens run on kernels already built (warmed on the
+    loading thread's one thread, each length's first text built its own, +3-4 ms)."""
+    bert = tiny_bert(tmp_path / "bert", minilm_path, seed=5)
+    engine = Engine(EngineConfig(models=(ModelSpec(str(bert)),), device="cpu", threads=2))
+    engine.start()
+    try:
+        def embed_each_length():
+            for words in range(cpu.EXACT_ROWS - 1):  # [CLS] + words + [SEP]: 2..EXACT_ROWS
+                out = engine.submit(PoolingRequest(Task.EMBED, (" ".join(["word"] * words),)))
+                assert out.result(30).embeddings.shape == (1, 48)
+
+        assert created(capfd, embed_each_length) == []
+    finally:
+        engine.shutdown()
+
+
+def test_a_failed_warm_up_fails_start(tmp_path, minilm_path, monkeypatch):
+    """A warm-up that raises on the runner's thread raises from start, and the engine's threads
+    end."""
+    bert = tiny_bert(tmp_path / "bert", minilm_path, seed=6)
+
+    def broken(self):
+        raise RuntimeError("warm-up broke")
+
+    monkeypatch.setattr(ServedModel, "warm_up", broken)
+    engine = Engine(EngineConfig(models=(ModelSpec(str(bert)),), device="cpu", threads=1))
+    with pytest.raises(RuntimeError, match="warm-up broke"):
+        engine.start()
+    assert not engine.ready
+    engine.shutdown()  # returns: the runner has ended
+    assert not [t for t in threading.enumerate() if t.name.startswith("poolsvc-")]
 
 
 def test_joined_linears_split_back():

@@ -74,11 +74,15 @@ def supports(dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear with its weight in oneDNN's layout; `gelu` ("none": erf, "tanh") fuses a GELU
-    after the bias."""
+    """nn.Linear with its weight in oneDNN's layout, and what oneDNN does after the product, in
+    the same kernel: `gelu` ("none": erf, "tanh") after the bias, or `binary` ("add", "mul") with
+    a second input of the output's shape. Called as layer(x), or layer(x, other) with `binary`."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None,
+                 binary: str | None = None):
         super().__init__()
+        if gelu is not None and binary is not None:
+            raise ValueError("a GELU and a binary post-op cannot both follow the product")
         self.out_features, self.in_features = weight.shape
         # An attribute, not a buffer: an opaque oneDNN tensor has no storage to save or copy.
         # The row count only picks the layout, any number of rows runs; reordered without one,
@@ -86,9 +90,11 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROW_MULTIPLE)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.attr, self.algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
+        self.binary = binary
 
     @classmethod
-    def of(cls, *linears: nn.Linear, gelu: str | None = None) -> PackedLinear:
+    def of(cls, *linears: nn.Linear, gelu: str | None = None,
+           binary: str | None = None) -> PackedLinear:
         """One layer for `linears` of the same input, outputs side by side."""
         weight = torch.cat([lin.weight for lin in linears])  # [sum of out, in]
         biases = [lin.bias for lin in linears]
@@ -97,30 +103,43 @@ class PackedLinear(nn.Module):
         else:
             bias = torch.cat([b if b is not None else weight.new_zeros(lin.out_features)
                               for b, lin in zip(biases, linears)])
-        return cls(weight, bias, gelu)
+        return cls(weight, bias, gelu, binary)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [rows, in] -> [rows, out]
-        return by_blocks(self._forward, x)
-
-    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """self(x) + residual, the add inside the product (no GELU)."""
-        return by_blocks(self._add, x, residual)
-
-    def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """self(x) * other, the product inside the matrix product."""
-        return by_blocks(self._mul, x, other)
-
-    def _mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        return _linear.binary(x, other, self.packed, self.bias, "mul")
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        """[rows, in] -> [rows, out]; with `binary`, then added to or multiplied by `other`
+        ([rows, out])."""
+        if (other is None) != (self.binary is None):
+            raise TypeError(f"this product's binary post-op is {self.binary!r}: pass `other` "
+                            "exactly when it has one")
+        if other is None:
+            return by_blocks(self._forward, x)
+        return by_blocks(self._binary, x, other)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(x, self.packed, self.bias, self.attr, [], self.algorithm)
 
-    def _add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return _linear.binary(x, residual, self.packed, self.bias, "add")
+    def _binary(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return _linear.binary(x, other, self.packed, self.bias, self.binary)
+
+    @property
+    def kernel(self) -> tuple:
+        """What oneDNN builds and caches a kernel for, besides the number of rows and threads:
+        layers with the same key share their kernels."""
+        return (self.in_features, self.out_features, self.bias is None, self.attr,
+                self.algorithm, self.binary, self.packed.dtype)
+
+    def warm(self, rows: int) -> None:
+        """Runs the product once on `rows` zero rows, so oneDNN builds its kernel for them."""
+        x = torch.zeros(rows, self.in_features, dtype=self.packed.dtype)
+        if self.binary is None:
+            self._forward(x)
+        else:
+            self._binary(x, x.new_zeros(rows, self.out_features))
 
     def extra_repr(self) -> str:
         fused = f", gelu={self.algorithm!r}" if self.attr == "gelu" else ""
+        if self.binary is not None:
+            fused += f", binary={self.binary!r}"
         return f"in_features={self.in_features}, out_features={self.out_features}{fused}"
 
 
@@ -137,13 +156,13 @@ class FusedBertLayer(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = PackedLinear.of(query, key, value)
-        self.attention_output = PackedLinear.of(attention_output)
+        self.attention_output = PackedLinear.of(attention_output, binary="add")
         self.attention_norm = attention_norm
         gelu = FUSED_GELU.get(hidden_act)
         self.intermediate = PackedLinear.of(intermediate, gelu=gelu)
         # activations oneDNN has no post-op for run after the product
         self.act = None if gelu is not None else activation(hidden_act)
-        self.output = PackedLinear.of(output)
+        self.output = PackedLinear.of(output, binary="add")
         self.output_norm = output_norm
 
     @classmethod
@@ -174,11 +193,11 @@ class FusedBertLayer(nn.Module):
         return by_blocks(self._after_attention, context, x)
 
     def _after_attention(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = self.attention_norm(self.attention_output.add(context, x))
+        x = self.attention_norm(self.attention_output(context, x))  # + x in the product
         h = self.intermediate(x)  # [rows, intermediate]
         if self.act is not None:
             h = self.act(h)
-        return self.output_norm(self.output.add(h, x))
+        return self.output_norm(self.output(h, x))
 
 
 class FusedModernBertLayer(nn.Module):
@@ -193,15 +212,16 @@ class FusedModernBertLayer(nn.Module):
         self.attn_norm, self.mlp_norm = layer.attn_norm, layer.mlp_norm
         self.head_dim, self.window = layer.attn.head_dim, layer.attn.window
         self.Wqkv = PackedLinear.of(layer.attn.Wqkv)
-        self.attn_out = PackedLinear.of(layer.attn.Wo)
+        self.attn_out = PackedLinear.of(layer.attn.Wo, binary="add")
         mlp, half = layer.mlp, layer.mlp.Wo.in_features
         gelu = FUSED_GELU.get(hidden_act)
         bias = mlp.Wi.bias
         self.act = None if gelu is not None else mlp.act
         self.inputs = PackedLinear(mlp.Wi.weight[:half], None if bias is None else bias[:half],
                                    gelu)
-        self.gate = PackedLinear(mlp.Wi.weight[half:], None if bias is None else bias[half:])
-        self.mlp_out = PackedLinear.of(mlp.Wo)
+        self.gate = PackedLinear(mlp.Wi.weight[half:], None if bias is None else bias[half:],
+                                 binary="mul")
+        self.mlp_out = PackedLinear.of(mlp.Wo, binary="add")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 batch: PackedBatch) -> torch.Tensor:
@@ -210,12 +230,12 @@ class FusedModernBertLayer(nn.Module):
         return by_blocks(self._after_attention, context, x)
 
     def _after_attention(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn_out.add(context, x)  # [rows, hidden]
+        x = self.attn_out(context, x)  # [rows, hidden], + x in the product
         h = self.mlp_norm(x)
         inputs = self.inputs(h)  # [rows, intermediate]
         if self.act is not None:
             inputs = self.act(inputs)
-        return self.mlp_out.add(self.gate.mul(h, inputs), x)
+        return self.mlp_out(self.gate(h, inputs), x)
 
 
 def optimize(module: nn.Module) -> int:
@@ -239,6 +259,24 @@ def optimize(module: nn.Module) -> int:
         predictions.vocab = PackedLinear(weight, predictions.bias)
         count += 1
     return count + _pack_linears(module)
+
+
+def warm(module: nn.Module) -> int:
+    """Builds oneDNN's kernel of each of `module`'s products for every row count up to
+    EXACT_ROWS (a lone text, or a block of a few), on the calling thread; returns the products
+    run. oneDNN keys its cached kernels by the number of threads too, so this must run on the
+    thread that computes, with its thread count. Otherwise the first batch of each new number of
+    tokens paid ~0.75 ms per distinct product (MiniLM: 3-4 ms on a 4-5 ms call, one text);
+    larger blocks are padded to a few shapes and cost enough for one build not to matter."""
+    kernels: dict[tuple, PackedLinear] = {}
+    for layer in module.modules():
+        if isinstance(layer, PackedLinear):
+            kernels.setdefault(layer.kernel, layer)
+    with torch.inference_mode():
+        for layer in kernels.values():
+            for rows in range(1, EXACT_ROWS + 1):
+                layer.warm(rows)
+    return len(kernels) * EXACT_ROWS
 
 
 def _fuse(layers: nn.ModuleList, fused, hidden_act: str) -> int:

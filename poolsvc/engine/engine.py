@@ -77,10 +77,10 @@ class Engine:
         """Loads and warms up every model, then starts the runner (blocking: minutes for big
         models)."""
         threads = self.config.threads or os.cpu_count() or 1
-        # Only the runner thread computes with `threads` threads; loading and warm-up here run
-        # on one. With an OpenMP team on this thread as well, libgomp stops spinning between
-        # parallel regions, and each region of the runner pays a wake-up: a short text's forward
-        # took 5.8 ms instead of 3.5 (docs/benchmarks.md).
+        # Only the runner thread computes with `threads` threads (warm-up included); loading
+        # here runs on one. With an OpenMP team on this thread as well, libgomp stops spinning
+        # between parallel regions, and each region of the runner pays a wake-up: a short
+        # text's forward took 5.8 ms instead of 3.5 (docs/benchmarks.md).
         caller_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         device = resolve_device(self.config.device)
@@ -105,12 +105,17 @@ class Engine:
             for key in (model.name, *model.description.aliases, *adapters):
                 self._models.setdefault(key, model)
             self._served.append(model)
-            model.warm_up()
-            # a first rate, before any traffic: a batch as a backlog would make it
-            self._admission.ran(*model.time_one_batch(min(4096, self.config.max_batch_tokens)))
         torch.set_num_threads(caller_threads)
-        self._runner.start(threads, pipelined=device.type != "cpu")
+        self._runner.start(threads, pipelined=device.type != "cpu", first=self._warm_up)
         self.ready = True
+
+    def _warm_up(self) -> None:
+        """On the runner's thread, with its threads (the kernels and rate they will run with):
+        each model warmed up, and timed on a batch as a backlog would make it, a first rate
+        for admission before any traffic."""
+        for model in self._served:
+            model.warm_up()
+            self._admission.ran(*model.time_one_batch(min(4096, self.config.max_batch_tokens)))
 
     def shutdown(self, discard: bool = False) -> None:
         """Stops taking requests. The runner finishes what is queued, or with `discard` only the

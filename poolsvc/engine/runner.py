@@ -128,13 +128,23 @@ class ModelRunner:
                          threading.Thread(target=self._finish, name="poolsvc-finisher",
                                           daemon=True)]
 
-    def start(self, threads: int, pipelined: bool) -> None:
+    def start(self, threads: int, pipelined: bool,
+              first: Callable[[], None] = lambda: None) -> None:
         """`threads`: the runner's OpenMP team; `pipelined`: form batches and finish them on
-        their own threads (devices that compute asynchronously)."""
+        their own threads (devices that compute asynchronously). `first` runs on the runner's
+        thread, with its team, before any batch (warm-up): start returns once it has, and
+        raises what it raised."""
         self.threads = threads
         self.pipelined = pipelined
+        self._first, self._first_error = first, None
+        self._started = threading.Event()
         for thread in self._threads if pipelined else self._threads[1:2]:
             thread.start()
+        self._started.wait()
+        if self._first_error is not None:
+            self.queue.close()    # the batcher thread, if any, exits
+            self._done.put(None)  # and the finisher
+            raise self._first_error
 
     def join(self) -> None:
         for thread in self._threads:
@@ -167,6 +177,13 @@ class ModelRunner:
 
     def _run(self) -> None:
         torch.set_num_threads(self.threads)  # this thread's OpenMP team: the only one
+        try:
+            self._first()
+        except BaseException as exc:
+            self._first_error = exc
+            return
+        finally:
+            self._started.set()
         for model, batch, packed in self._batches():
             # Callers may have given up while the batch waited here: drop their work.
             live, expired = next_batch(deque(batch), 1 << 62, len(batch), now_ns())

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from poolsvc.engine import cpu
 from poolsvc.engine.backend import ModelBackend
 from poolsvc.engine.bge_m3 import M3Layout
 from poolsvc.engine.description import Kind, ModelDescription
@@ -109,7 +110,11 @@ class ServedModel:
         return None
 
     def warm_up(self) -> None:
-        """Every task's pooling once, so first requests do not pay for lazy initialization."""
+        """Every task's pooling once, and on the CPU the products' kernels for short batches, so
+        first requests do not pay for lazy initialization. Run it on the thread that computes,
+        with its thread count: oneDNN builds kernels per thread count."""
+        if self.device.type == "cpu":
+            cpu.warm(self.backend)
         for task in self.description.tasks:
             request = self._sample(task)
             seqs = request.sequences()
