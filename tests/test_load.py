@@ -104,7 +104,12 @@ def test_cancelled_calls_are_dropped_from_the_queue():
                 assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() in (
                     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
                     for r in results)
-                cancelled = asyncio.ensure_future(stub.Embed(passages(8), timeout=120))
+                # A short call admitted and queued holds its ticket until its handler ends,
+                # which can be after the client's deadline fired.
+                await until(lambda: in_flight() == 1)
+                # The call object itself: a task wrapping it, cancelled before it first ran,
+                # would leave the call going.
+                cancelled = stub.Embed(passages(8), timeout=120)
                 await until(lambda: in_flight() >= 2)  # admitted and queued
                 cancelled.cancel()
                 await until(lambda: in_flight() == 1)  # only the busy call is left
