@@ -223,12 +223,14 @@ def latencies(workers: dict[str, Worker], samples: int, blocks: int = 4) -> dict
     return out
 
 
-def start_server(args, model_path: str, dtype: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args, model_path: str, dtype: str, log: Path,
+                 root: Path = ROOT) -> tuple[subprocess.Popen, str]:
+    """A server of `root`'s poolsvc (another checkout, for a baseline) and its address."""
     cmd = [sys.executable, "-m", "poolsvc", "serve", "--model", model_path, "--port", "0",
            "--device", args.device, "--dtype", dtype, "--threads", str(args.threads),
            "--auto-truncate"]
     handle = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=root)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         text = log.read_text()

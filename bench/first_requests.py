@@ -8,72 +8,38 @@ oneDNN builds a kernel for each number of rows a product sees, for the thread co
 with; poolsvc builds those of short batches (up to cpu.EXACT_ROWS tokens) while it starts, on the
 thread that computes. Per dtype and checkout, this starts a server (the bundled model, one
 process, `--threads`), sends one text of each length from 2 to 64 tokens in a shuffled order,
-then the same texts again, one at a time from this process; prints the start time and the p50
-and mean latency of each pass. The second pass is the baseline of the first: a server with its
+then the same texts again, one at a time (bench/load_client.py); prints the start time and the
+p50 and mean latency of each pass. The second pass is the baseline of the first: a server with its
 kernels built answers both alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
-import re
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import grpc
+import bench  # bench/bench.py: its server start and load client
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start(root: Path, dtype: str, threads: int, log: Path) -> tuple[subprocess.Popen, str, float]:
-    """A server of `root`'s poolsvc; returns it, its address and its seconds to serve."""
-    started = time.perf_counter()
-    handle = open(log, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "poolsvc", "serve", "--port", "0", "--dtype", dtype,
-         "--threads", str(threads)], stdout=handle, stderr=subprocess.STDOUT, cwd=root)
-    while time.perf_counter() - started < 600:
-        if (match := re.search(r"poolsvc serving .* on [\d.]+:(\d+)", log.read_text())):
-            return proc, f"127.0.0.1:{match.group(1)}", time.perf_counter() - started
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{log.read_text()}")
-        time.sleep(0.05)
-    raise SystemExit("the server did not come up")
-
-
-def passes(address: str, texts: list[str]) -> tuple[list[float], list[float]]:
-    """Latencies of each text once (first seen), then of each again."""
-    from poolsvc.gen.v1 import common_pb2, embed_pb2, embed_pb2_grpc
-
-    stub = embed_pb2_grpc.EmbedServiceStub(grpc.insecure_channel(address))
-    out = []
-    for _ in range(2):
-        times = []
-        for text in texts:
-            request = embed_pb2.EmbedRequest(inputs=[common_pb2.Input(text=text)])
-            begun = time.perf_counter()
-            stub.Embed(request, timeout=60)
-            times.append(time.perf_counter() - begun)
-        out.append(times)
-    return out[0], out[1]
+MODEL = "bundled:all-MiniLM-L6-v2"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, help="another checkout, measured the same way")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=2,
                         help="fresh servers per checkout and dtype, interleaved")
     args = parser.parse_args()
-    roots = {"this checkout": ROOT}
+    roots = {"this checkout": bench.ROOT}
     if args.baseline is not None:
         roots["baseline"] = args.baseline.resolve()
     # one text per length: [CLS] + n words + [SEP] is n + 2 tokens ("word" is one token)
@@ -81,17 +47,22 @@ def main() -> None:
     results: dict[tuple[str, str], list] = {}
     with tempfile.TemporaryDirectory() as work:
         for round_ in range(args.rounds):
+            order = texts[:]
+            random.Random(round_).shuffle(order)
+            texts_file = Path(work) / "texts.json"
+            texts_file.write_text(json.dumps(order))
             for dtype in args.dtypes.split(","):
                 for name, root in roots.items():
-                    order = texts[:]
-                    random.Random(round_).shuffle(order)
-                    proc, address, seconds = start(root, dtype, args.threads,
-                                                   Path(work) / "server.log")
-                    try:
-                        first, again = passes(address, order)
+                    started = time.perf_counter()
+                    proc, address = bench.start_server(args, MODEL, dtype,
+                                                       Path(work) / "server.log", root)
+                    seconds = time.perf_counter() - started
+                    try:  # the texts once, then again, one request at a time
+                        latencies = bench.client(address, texts_file, 1, repeat=2)["latencies"]
                     finally:
                         proc.send_signal(signal.SIGTERM)
                         proc.wait(60)
+                    first, again = latencies[:len(order)], latencies[len(order):]
                     results.setdefault((name, dtype), []).append((seconds, first, again))
                     print(f"  round {round_ + 1}: {name}, {dtype}: started in {seconds:.1f} s",
                           flush=True)

@@ -129,12 +129,9 @@ class PackedLinear(nn.Module):
                 self.algorithm, self.binary, self.packed.dtype)
 
     def warm(self, rows: int) -> None:
-        """Runs the product once on `rows` zero rows, so oneDNN builds its kernel for them."""
+        """Runs the layer once on `rows` zero rows, so oneDNN builds its kernel for them."""
         x = torch.zeros(rows, self.in_features, dtype=self.packed.dtype)
-        if self.binary is None:
-            self._forward(x)
-        else:
-            self._binary(x, x.new_zeros(rows, self.out_features))
+        self(x, None if self.binary is None else x.new_zeros(rows, self.out_features))
 
     def extra_repr(self) -> str:
         fused = f", gelu={self.algorithm!r}" if self.attr == "gelu" else ""

@@ -110,11 +110,10 @@ class ServedModel:
         return None
 
     def warm_up(self) -> None:
-        """Every task's pooling once, and on the CPU the products' kernels for short batches, so
-        first requests do not pay for lazy initialization. Run it on the thread that computes,
-        with its thread count: oneDNN builds kernels per thread count."""
-        if self.device.type == "cpu":
-            cpu.warm(self.backend)
+        """Every task's pooling once, and the oneDNN products' kernels for short batches (CPU),
+        so first requests do not pay for lazy initialization. Run it on the thread that
+        computes, with its thread count: oneDNN builds kernels per thread count."""
+        cpu.warm(self.backend)  # nothing to do for a model off the oneDNN path
         for task in self.description.tasks:
             request = self._sample(task)
             seqs = request.sequences()
