@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tiny_models import load_ours, tiny_bert  # noqa: E402
 
-from poolsvc.engine import cpu, packing  # noqa: E402
+from poolsvc.engine import cpu, native, packing  # noqa: E402
 from poolsvc.engine.config import EngineConfig, ModelSpec  # noqa: E402
 from poolsvc.engine.engine import Engine  # noqa: E402
 from poolsvc.engine.layers import qkv_attention, varlen_attention  # noqa: E402
@@ -171,24 +171,36 @@ def test_joined_linears_split_back():
         assert (out - part(x)).abs().max() <= 1e-5
 
 
+def attention_kernel(which: str) -> native.Attention | None:
+    """The attention a test's optimized model runs: "pytorch" (None) or "native" (built)."""
+    if which == "pytorch":
+        return None
+    kernel = native.load()
+    if kernel is None:
+        pytest.skip("attention.cpp cannot be built here (no C++ compiler)")
+    return kernel
+
+
+@pytest.mark.parametrize("attention", ["pytorch", "native"])
 @pytest.mark.parametrize("case", enc.BODIES, ids=enc._name)
-def test_encoder_bodies_match_transformers(tmp_path, case):
+def test_encoder_bodies_match_transformers(tmp_path, case, attention):
     ours_cls, hf_class, hf_config, sizes, pairs = case
     init = {"add_pooling_layer": False} if hf_class is enc.transformers.BertModel else {}
     hf = enc.save_hf(tmp_path, hf_class, hf_config(**sizes), seed=1, **init)
     ours = load_ours(ours_cls, tmp_path)
-    assert cpu.optimize(ours) == 4 * sizes["num_hidden_layers"]
+    assert cpu.optimize(ours, attention_kernel(attention)) == 4 * sizes["num_hidden_layers"]
     token_ids, token_types = enc.random_sequences(ours.max_positions, seed=2, pairs=pairs)
     (hidden, want), _ = enc.run_both(ours, hf, None, token_ids, token_types)
     assert enc.max_diff(hidden, want) <= enc.ATOL
 
 
+@pytest.mark.parametrize("attention", ["pytorch", "native"])
 @pytest.mark.parametrize("case", enc.TASKS, ids=enc._name)
-def test_encoder_classifiers_match_transformers(tmp_path, case):
+def test_encoder_classifiers_match_transformers(tmp_path, case, attention):
     ours_cls, _, hf_class, hf_config, sizes = case
     hf = enc.save_hf(tmp_path, hf_class, hf_config(**sizes, num_labels=3), seed=3)
     ours = load_ours(ours_cls, tmp_path)
-    cpu.optimize(ours)
+    cpu.optimize(ours, attention_kernel(attention))
     token_ids, token_types = enc.random_sequences(ours.max_positions, seed=4,
                                                   pairs=sizes["type_vocab_size"] > 1)
     (hidden, want_hidden), (logits, want_logits) = enc.run_both(
@@ -212,14 +224,15 @@ def test_decoder_bodies_match_transformers(tmp_path, case):
 
 
 @torch.no_grad()
-def test_bfloat16_bert_tracks_float32(tmp_path):
+@pytest.mark.parametrize("attention", ["pytorch", "native"])
+def test_bfloat16_bert_tracks_float32(tmp_path, attention):
     if not cpu.supports(torch.bfloat16):
         pytest.skip("no bfloat16 oneDNN kernels on this CPU")
     enc.save_hf(tmp_path, enc.transformers.BertModel, enc.transformers.BertConfig(**enc.BERT),
                 seed=1, add_pooling_layer=False)
     want = load_ours(enc.BertModel, tmp_path)
     ours = load_ours(enc.BertModel, tmp_path).to(torch.bfloat16)
-    cpu.optimize(ours)
+    cpu.optimize(ours, attention_kernel(attention))
     token_ids, _ = enc.random_sequences(want.max_positions, seed=2, pairs=False)
     batch = PackedBatch.build(token_ids, None, torch.device("cpu"))
     got = ours(batch)

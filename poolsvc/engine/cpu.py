@@ -12,6 +12,8 @@ activations (docs/benchmarks.md has the profiles). So:
 - the query, key and value of BERT-style layers (BERT, RoBERTa, MPNet, DistilBERT) are one
   matrix product, gathered once per attention bucket;
 - ModernBERT's GeGLU as two products, the gate's multiply a post-op of the second;
+- BERT-style layers attend with poolsvc's own kernel (engine/native.py: within each sequence,
+  nothing padded, no scores across sequences) where it builds, else with PyTorch's ops;
 - a batch runs in slices of whole sequences of about SLICE_TOKENS tokens (see _in_slices).
 
 The results are the same computation up to float rounding (the tests compare every family with
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poolsvc.engine import native
 from poolsvc.engine.layers import FUSED_GELU, activation, qkv_attention
 from poolsvc.engine.lora import adapted
 from poolsvc.engine.models.bert import BertForMaskedLM, BertLayer, BertModel
@@ -144,14 +147,18 @@ class FusedBertLayer(nn.Module):
     """A post-norm encoder layer (BERT's; MPNet's and DistilBERT's under their names): one
     [3 * hidden, hidden] product for query, key and value, then attention, then the rest of the
     layer (output product + residual + LayerNorm, FFN) one block of rows at a time, so a block's
-    [rows, intermediate] activations stay in cache between its products."""
+    [rows, intermediate] activations stay in cache between its products. `attention_kernel`:
+    the native attention, used where it fits (no score bias, a head size it takes)."""
 
     def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear, num_heads: int,
                  attention_output: nn.Linear, attention_norm: nn.LayerNorm,
                  intermediate: nn.Linear, hidden_act: str, output: nn.Linear,
-                 output_norm: nn.LayerNorm):
+                 output_norm: nn.LayerNorm, attention_kernel: native.Attention | None = None):
         super().__init__()
         self.num_heads = num_heads
+        head_dim = query.out_features // num_heads
+        self.attention_kernel = attention_kernel if attention_kernel is not None \
+            and attention_kernel.fits(head_dim, query.weight.dtype) else None
         self.qkv = PackedLinear.of(query, key, value)
         self.attention_output = PackedLinear.of(attention_output, binary="add")
         self.attention_norm = attention_norm
@@ -163,30 +170,37 @@ class FusedBertLayer(nn.Module):
         self.output_norm = output_norm
 
     @classmethod
-    def of_bert(cls, layer: BertLayer, hidden_act: str) -> FusedBertLayer:
+    def of_bert(cls, layer: BertLayer, hidden_act: str,
+                attention_kernel: native.Attention | None) -> FusedBertLayer:
         attn = layer.attention.self
         return cls(attn.query, attn.key, attn.value, attn.num_heads,
                    layer.attention.output.dense, layer.attention.output.LayerNorm,
                    layer.intermediate.dense, hidden_act, layer.output.dense,
-                   layer.output.LayerNorm)
+                   layer.output.LayerNorm, attention_kernel)
 
     @classmethod
-    def of_mpnet(cls, layer: MPNetLayer, hidden_act: str) -> FusedBertLayer:
+    def of_mpnet(cls, layer: MPNetLayer, hidden_act: str,
+                 attention_kernel: native.Attention | None) -> FusedBertLayer:
         attn = layer.attention.attn
         return cls(attn.q, attn.k, attn.v, attn.num_heads, attn.o, layer.attention.LayerNorm,
                    layer.intermediate.dense, hidden_act, layer.output.dense,
-                   layer.output.LayerNorm)
+                   layer.output.LayerNorm, attention_kernel)
 
     @classmethod
-    def of_distilbert(cls, layer: TransformerBlock, hidden_act: str) -> FusedBertLayer:
+    def of_distilbert(cls, layer: TransformerBlock, hidden_act: str,
+                      attention_kernel: native.Attention | None) -> FusedBertLayer:
         attn, ffn = layer.attention, layer.ffn
         return cls(attn.q_lin, attn.k_lin, attn.v_lin, attn.n_heads, attn.out_lin,
-                   layer.sa_layer_norm, ffn.lin1, hidden_act, ffn.lin2, layer.output_layer_norm)
+                   layer.sa_layer_norm, ffn.lin1, hidden_act, ffn.lin2, layer.output_layer_norm,
+                   attention_kernel)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, bias=None) -> torch.Tensor:
         """`bias`: MPNet's relative-position bias (layers.varlen_attention)."""
         qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1)  # [num_tokens, 3, heads, d]
-        context = qkv_attention(qkv, batch, bias=bias).flatten(1)  # [num_tokens, hidden]
+        if self.attention_kernel is not None and bias is None:
+            context = self.attention_kernel(qkv, batch).flatten(1)  # [num_tokens, hidden]
+        else:
+            context = qkv_attention(qkv, batch, bias=bias).flatten(1)
         return by_blocks(self._after_attention, context, x)
 
     def _after_attention(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -235,20 +249,27 @@ class FusedModernBertLayer(nn.Module):
         return self.mlp_out(self.gate(h, inputs), x)
 
 
-def optimize(module: nn.Module) -> int:
+def optimize(module: nn.Module, attention_kernel: native.Attention | None = None) -> int:
     """Switches `module`'s body to the CPU fast path in place; returns how many matrix products
-    it runs through oneDNN. The module must already be on the CPU in its serving dtype."""
+    it runs through oneDNN. The module must already be on the CPU in its serving dtype.
+    `attention_kernel`: the native attention (native.load()) for the BERT-style layers it fits;
+    None keeps PyTorch's."""
     module.forward = _in_slices(module.forward)
     count = 0
+    kernel = attention_kernel
     if isinstance(module, BertModel):  # RoBERTa and XLM-R too: the same layers
-        count += _fuse(module.encoder.layer, FusedBertLayer.of_bert, module.config.hidden_act)
+        act = module.config.hidden_act
+        count += _fuse(module.encoder.layer, lambda x: FusedBertLayer.of_bert(x, act, kernel))
     elif isinstance(module, MPNetModel):
-        count += _fuse(module.encoder.layer, FusedBertLayer.of_mpnet, module.config.hidden_act)
+        act = module.config.hidden_act
+        count += _fuse(module.encoder.layer, lambda x: FusedBertLayer.of_mpnet(x, act, kernel))
     elif isinstance(module, DistilBertModel):
-        count += _fuse(module.transformer.layer, FusedBertLayer.of_distilbert,
-                       module.config.activation)
+        act = module.config.activation
+        count += _fuse(module.transformer.layer,
+                       lambda x: FusedBertLayer.of_distilbert(x, act, kernel))
     elif isinstance(module, ModernBertModel):
-        count += _fuse(module.layers, FusedModernBertLayer, module.config.hidden_activation)
+        act = module.config.hidden_activation
+        count += _fuse(module.layers, lambda x: FusedModernBertLayer(x, act))
     if isinstance(module, BertForMaskedLM):  # SPLADE: the vocabulary projection, 2.4x faster
         predictions = module.cls.predictions
         weight = module.embeddings.word_embeddings.weight if predictions.decoder is None \
@@ -276,13 +297,13 @@ def warm(module: nn.Module) -> int:
     return len(kernels) * EXACT_ROWS
 
 
-def _fuse(layers: nn.ModuleList, fused, hidden_act: str) -> int:
-    """Replaces each layer by `fused(layer, hidden_act)`, except layers with LoRA adapters (a
-    fused layer concatenates its linear layers' weights; _pack_linears packs theirs inside
-    their adapter wrappers); returns the matrix products made."""
+def _fuse(layers: nn.ModuleList, fused) -> int:
+    """Replaces each layer by `fused(layer)`, except layers with LoRA adapters (a fused layer
+    concatenates its linear layers' weights; _pack_linears packs theirs inside their adapter
+    wrappers); returns the matrix products made."""
     for i, layer in enumerate(layers):
         if not adapted(layer):
-            layers[i] = fused(layer, hidden_act)
+            layers[i] = fused(layer)
     return sum(isinstance(m, PackedLinear) for m in layers.modules())
 
 

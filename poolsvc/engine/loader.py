@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from poolsvc.engine import cpu, fused, lora
+from poolsvc.engine import cpu, fused, lora, native
 from poolsvc.engine.backend import Backend
 from poolsvc.engine.bge_m3 import BGEM3, M3Layout, read_heads
 from poolsvc.engine.bge_m3 import HEADS as BGE_M3_HEADS
@@ -165,8 +165,10 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
                                              dtype)
         if use_kernels and device.type == "cpu" and implementation == "poolsvc" \
                 and cpu.supports(dtype):
-            log.info("%s: %d matrix products on the oneDNN CPU path", spec.name,
-                     cpu.optimize(backend))
+            attention = native.load()
+            log.info("%s: %d matrix products on the oneDNN CPU path, attention by %s", spec.name,
+                     cpu.optimize(backend, attention),
+                     "PyTorch" if attention is None else "engine/attention.cpp")
         vocab_size, logit = int(files.hf_config["vocab_size"]), None
     dense = _load_dense(files.dense, backend.hidden_size, allow_pickle)
     if dense is not None:
