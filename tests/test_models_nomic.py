@@ -21,7 +21,7 @@ from poolsvc_client import decode_tensor
 from tiny_models import TOKENIZER_FILES, load_ours, st_pipeline
 
 from poolsvc import LLM
-from poolsvc.engine import cpu
+from poolsvc.engine import cpu, native
 from poolsvc.engine.errors import ModelLoadError
 from poolsvc.engine.models import ARCHITECTURES
 from poolsvc.engine.packing import PackedBatch
@@ -129,15 +129,18 @@ def max_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got - want).abs().max().item()
 
 
-@pytest.mark.parametrize("rope,optimized", [("default", False), ("default", True),
-                                            ("dynamic", False), ("dynamic", True),
-                                            ("linear", False)])
-def test_body_matches_transformers(checkpoints, rope, optimized, monkeypatch):
+@pytest.mark.parametrize("rope,path", [("default", "torch"), ("default", "onednn"),
+                                       ("default", "onednn+native"), ("dynamic", "torch"),
+                                       ("dynamic", "onednn+native"), ("linear", "torch")])
+def test_body_matches_transformers(checkpoints, rope, path, monkeypatch):
     monkeypatch.setattr(cpu, "SLICE_TOKENS", 40)  # the sliced path: sequences in several parts
     hf = transformers.AutoModel.from_pretrained(checkpoints[rope]).eval()
     ours = load_ours(ours_class("Model"), checkpoints[rope])
-    if optimized:
-        assert cpu.optimize(ours) > 0
+    if path != "torch":
+        kernel = native.load() if path.endswith("native") else None
+        if path.endswith("native") and kernel is None:
+            pytest.skip("attention.cpp cannot be built here (no C++ compiler)")
+        assert cpu.optimize(ours, kernel) > 0
     assert ours.max_positions == max(LENGTHS[rope])
     _, hidden, outputs = forward_both(ours, hf, sequences(LENGTHS[rope]))
     want = torch.cat([o.last_hidden_state[0] for o in outputs])

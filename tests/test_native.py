@@ -104,6 +104,13 @@ def test_it_reads_and_writes_nothing_outside_the_batch(kernel):
     assert (got[:11].double() - reference(qkv[:11], lens, None)).abs().max() <= 1e-5
 
 
+def test_a_sequence_with_no_keys_attends_to_nothing(kernel):
+    qkv = torch.randn(7, 3, 2, 16)
+    got = kernel(qkv, packed([3, 4], key_lens=[0, 2]))
+    assert torch.equal(got[:3], torch.zeros(3, 2, 16))
+    assert (got[3:].double() - reference(qkv[3:], [4], [2])).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: torch.randn(4, 3, 2, 129), "head_dim <= 128"),
     (lambda: torch.randn(4, 3, 2, 16).half(), "torch.float16"),

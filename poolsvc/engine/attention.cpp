@@ -209,7 +209,13 @@ void attend(const T* q, const T* k, const T* v, T* out, int64_t stride, int64_t 
             const int64_t s = item / heads, h = item % heads;
             const int64_t first = cu[s], rows = cu[s + 1] - cu[s];
             const int64_t keys = key_lens ? key_lens[s] : rows;
-            if (rows == 0 || keys == 0) continue;
+            if (rows == 0) continue;
+            if (keys == 0) {  // nothing to attend to: zeros, not whatever the buffer held
+                for (int64_t i = 0; i < rows; ++i)
+                    for (int64_t c = 0; c < d; ++c)
+                        store(out + (first + i) * out_stride + h * d + c, 0.0f);
+                continue;
+            }
             const int64_t off = first * stride + h * d;
             attend_one<DV>(q + off, k + off, v + off, out + first * out_stride + h * d, stride,
                            out_stride, rows, keys, d, scale, sc);

@@ -12,8 +12,9 @@ activations (docs/benchmarks.md has the profiles). So:
 - the query, key and value of BERT-style layers (BERT, RoBERTa, MPNet, DistilBERT) are one
   matrix product, gathered once per attention bucket;
 - ModernBERT's GeGLU as two products, the gate's multiply a post-op of the second;
-- BERT-style layers attend with poolsvc's own kernel (engine/native.py: within each sequence,
-  nothing padded, no scores across sequences) where it builds, else with PyTorch's ops;
+- attention without a score bias (BERT, RoBERTa, XLM-R, DistilBERT, NomicBERT, ModernBERT where
+  no sequence outgrows its window) runs poolsvc's own kernel (engine/native.py: within each
+  sequence, nothing padded, no scores across sequences) where it builds, else PyTorch's ops;
 - a batch runs in slices of whole sequences of about SLICE_TOKENS tokens (see _in_slices).
 
 The results are the same computation up to float rounding (the tests compare every family with
@@ -34,6 +35,7 @@ from poolsvc.engine.models.bert import BertForMaskedLM, BertLayer, BertModel
 from poolsvc.engine.models.distilbert import DistilBertModel, TransformerBlock
 from poolsvc.engine.models.modernbert import ModernBertEncoderLayer, ModernBertModel, attend
 from poolsvc.engine.models.mpnet import MPNetLayer, MPNetModel
+from poolsvc.engine.models.nomic_bert import NomicBertAttention, NomicBertModel
 from poolsvc.engine.packing import PackedBatch
 
 # Task heads stay as they are: a few rows per batch, and their outputs are the answers.
@@ -148,7 +150,7 @@ class FusedBertLayer(nn.Module):
     [3 * hidden, hidden] product for query, key and value, then attention, then the rest of the
     layer (output product + residual + LayerNorm, FFN) one block of rows at a time, so a block's
     [rows, intermediate] activations stay in cache between its products. `attention_kernel`:
-    the native attention, used where it fits (no score bias, a head size it takes)."""
+    the native attention, for qkv_attention to use where it fits (not with MPNet's bias)."""
 
     def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear, num_heads: int,
                  attention_output: nn.Linear, attention_norm: nn.LayerNorm,
@@ -156,9 +158,7 @@ class FusedBertLayer(nn.Module):
                  output_norm: nn.LayerNorm, attention_kernel: native.Attention | None = None):
         super().__init__()
         self.num_heads = num_heads
-        head_dim = query.out_features // num_heads
-        self.attention_kernel = attention_kernel if attention_kernel is not None \
-            and attention_kernel.fits(head_dim, query.weight.dtype) else None
+        self.attention_kernel = attention_kernel
         self.qkv = PackedLinear.of(query, key, value)
         self.attention_output = PackedLinear.of(attention_output, binary="add")
         self.attention_norm = attention_norm
@@ -197,10 +197,8 @@ class FusedBertLayer(nn.Module):
     def forward(self, x: torch.Tensor, batch: PackedBatch, bias=None) -> torch.Tensor:
         """`bias`: MPNet's relative-position bias (layers.varlen_attention)."""
         qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1)  # [num_tokens, 3, heads, d]
-        if self.attention_kernel is not None and bias is None:
-            context = self.attention_kernel(qkv, batch).flatten(1)  # [num_tokens, hidden]
-        else:
-            context = qkv_attention(qkv, batch, bias=bias).flatten(1)
+        context = qkv_attention(qkv, batch, bias=bias,
+                                kernel=self.attention_kernel).flatten(1)  # [num_tokens, hidden]
         return by_blocks(self._after_attention, context, x)
 
     def _after_attention(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -217,8 +215,10 @@ class FusedModernBertLayer(nn.Module):
     by that inside the product (no [rows, 2 * intermediate] tensor, no separate GELU and
     product passes)."""
 
-    def __init__(self, layer: ModernBertEncoderLayer, hidden_act: str):
+    def __init__(self, layer: ModernBertEncoderLayer, hidden_act: str,
+                 attention_kernel: native.Attention | None = None):
         super().__init__()
+        self.attention_kernel = attention_kernel
         self.attention_type = layer.attention_type
         self.attn_norm, self.mlp_norm = layer.attn_norm, layer.mlp_norm
         self.head_dim, self.window = layer.attn.head_dim, layer.attn.window
@@ -237,7 +237,7 @@ class FusedModernBertLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 batch: PackedBatch) -> torch.Tensor:
         context = attend(self.Wqkv(self.attn_norm(x)), self.head_dim, self.window, cos, sin,
-                         batch)  # [num_tokens, hidden]
+                         batch, self.attention_kernel)  # [num_tokens, hidden]
         return by_blocks(self._after_attention, context, x)
 
     def _after_attention(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -252,8 +252,8 @@ class FusedModernBertLayer(nn.Module):
 def optimize(module: nn.Module, attention_kernel: native.Attention | None = None) -> int:
     """Switches `module`'s body to the CPU fast path in place; returns how many matrix products
     it runs through oneDNN. The module must already be on the CPU in its serving dtype.
-    `attention_kernel`: the native attention (native.load()) for the BERT-style layers it fits;
-    None keeps PyTorch's."""
+    `attention_kernel`: the native attention (native.load()) for the attention it takes; None
+    keeps PyTorch's."""
     module.forward = _in_slices(module.forward)
     count = 0
     kernel = attention_kernel
@@ -269,7 +269,11 @@ def optimize(module: nn.Module, attention_kernel: native.Attention | None = None
                        lambda x: FusedBertLayer.of_distilbert(x, act, kernel))
     elif isinstance(module, ModernBertModel):
         act = module.config.hidden_activation
-        count += _fuse(module.layers, lambda x: FusedModernBertLayer(x, act))
+        count += _fuse(module.layers, lambda x: FusedModernBertLayer(x, act, kernel))
+    elif isinstance(module, NomicBertModel):
+        for attention in module.modules():
+            if isinstance(attention, NomicBertAttention):
+                attention.attention_kernel = kernel
     if isinstance(module, BertForMaskedLM):  # SPLADE: the vocabulary projection, 2.4x faster
         predictions = module.cls.predictions
         weight = module.embeddings.word_embeddings.weight if predictions.decoder is None \

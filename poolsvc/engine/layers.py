@@ -6,11 +6,15 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from poolsvc.engine.packing import AttentionBlock, AttentionBucket, PackedBatch
+
+if TYPE_CHECKING:
+    from poolsvc.engine import native
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -109,15 +113,21 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
 
 
 def qkv_attention(qkv: torch.Tensor, batch: PackedBatch, window: int | None = None,
-                  bias: ScoreBias | None = None) -> torch.Tensor:
+                  bias: ScoreBias | None = None,
+                  kernel: native.Attention | None = None) -> torch.Tensor:
     """Bidirectional attention of one projection's query, key and value side by side,
     qkv [num_tokens, 3, heads, head_dim]; returns [num_tokens, heads, head_dim]. On the CPU each
     bucket's rows are gathered and padded once for the three. `window`, `bias`: as
-    varlen_attention's."""
+    varlen_attention's. `kernel`: attention.cpp's (engine/native.py, set by the CPU path), which
+    takes plain attention (no window that matters, no bias) in a dtype and head size it fits."""
     if qkv.is_cuda:
         return varlen_attention(*qkv.unbind(1), batch, window=window, bias=bias)
-    return _padded_attention(qkv, batch, False, 1.0 / math.sqrt(qkv.shape[-1]), False,
-                             _needed(window, batch), bias)
+    window = _needed(window, batch)
+    if kernel is not None and window is None and bias is None and qkv.is_contiguous() \
+            and kernel.fits(qkv.shape[-1], qkv.dtype):
+        return kernel(qkv, batch)
+    return _padded_attention(qkv, batch, False, 1.0 / math.sqrt(qkv.shape[-1]), False, window,
+                             bias)
 
 
 def _needed(window: int | None, batch: PackedBatch) -> int | None:

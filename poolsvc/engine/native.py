@@ -53,7 +53,7 @@ class Attention:
         key_lens tokens), for qkv [num_tokens, 3, heads, head_dim] on the CPU, contiguous, in a
         dtype and head size that `fits`; returns [num_tokens, heads, head_dim]."""
         tokens, three, heads, head_dim = qkv.shape
-        if three != 3 or not qkv.is_contiguous() or qkv.is_cuda \
+        if three != 3 or not qkv.is_contiguous() or qkv.device.type != "cpu" \
                 or not self.fits(head_dim, qkv.dtype):
             raise ValueError(f"the native attention takes a contiguous CPU qkv [tokens, 3, heads, "
                              f"head_dim <= {MAX_HEAD_DIM}] in float32 or bfloat16, not "

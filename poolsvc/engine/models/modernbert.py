@@ -7,6 +7,7 @@ a sliding window of `local_attention // 2` tokens either side, and a final norm.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from poolsvc.engine.models.bert import num_labels_of
 from poolsvc.engine.models.llama import RopeConfig, RotaryEmbedding
 from poolsvc.engine.packing import PackedBatch
 from poolsvc.engine.params import PoolingType
+
+if TYPE_CHECKING:
+    from poolsvc.engine import native
 
 GLOBAL, LOCAL = "full_attention", "sliding_attention"
 # transformers' ModernBertConfig defaults, for hub configs written before layer_types and
@@ -108,11 +112,12 @@ class ModernBertAttention(nn.Module):
 
 
 def attend(qkv: torch.Tensor, head_dim: int, window: int | None, cos: torch.Tensor,
-           sin: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+           sin: torch.Tensor, batch: PackedBatch,
+           kernel: native.Attention | None = None) -> torch.Tensor:
     """Attention over the joined projection qkv [num_tokens, 3 * hidden]; returns
-    [num_tokens, hidden], before Wo."""
+    [num_tokens, hidden], before Wo. `kernel`: as qkv_attention's."""
     qkv = rotate_qk(qkv.view(qkv.shape[0], 3, -1, head_dim), cos, sin)
-    return qkv_attention(qkv, batch, window=window).flatten(1)
+    return qkv_attention(qkv, batch, window=window, kernel=kernel).flatten(1)
 
 
 def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,8 @@ class NomicBertEmbeddings(nn.Module):
 
 
 class NomicBertAttention(nn.Module):
+    attention_kernel = None  # engine/native.py's attention, set by the CPU path (cpu.optimize)
+
     def __init__(self, cfg: NomicBertConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
@@ -157,7 +159,8 @@ class NomicBertAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 batch: PackedBatch) -> torch.Tensor:
         qkv = self.Wqkv(x).view(x.shape[0], 3, -1, self.head_dim)  # [num_tokens, 3, heads, d]
-        return self.out_proj(qkv_attention(rotate_qk(qkv, cos, sin), batch).flatten(1))
+        return self.out_proj(qkv_attention(rotate_qk(qkv, cos, sin), batch,
+                                           kernel=self.attention_kernel).flatten(1))
 
 
 class NomicBertMLP(nn.Module):
