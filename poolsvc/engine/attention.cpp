@@ -193,12 +193,12 @@ void attend_one(const T* q, const T* k, const T* v, T* out, int64_t stride, int6
 
 template <int DV, typename T>
 void attend(const T* q, const T* k, const T* v, T* out, int64_t stride, int64_t out_stride,
-            const int32_t* cu, const int32_t* key_lens, int64_t seqs, int64_t heads, int64_t d,
+            const int32_t* cu, const int32_t* key_cu, int64_t seqs, int64_t heads, int64_t d,
             float scale) {
     int64_t work = 0;
     for (int64_t s = 0; s < seqs; ++s) {
         const int64_t n = cu[s + 1] - cu[s];
-        work += n * (key_lens ? key_lens[s] : n);
+        work += n * (key_cu ? key_cu[s + 1] - key_cu[s] : n);
     }
     work *= heads * d;
 #pragma omp parallel if (work > (1 << 18))
@@ -208,7 +208,7 @@ void attend(const T* q, const T* k, const T* v, T* out, int64_t stride, int64_t 
         for (int64_t item = 0; item < seqs * heads; ++item) {
             const int64_t s = item / heads, h = item % heads;
             const int64_t first = cu[s], rows = cu[s + 1] - cu[s];
-            const int64_t keys = key_lens ? key_lens[s] : rows;
+            const int64_t keys = key_cu ? key_cu[s + 1] - key_cu[s] : rows;
             if (rows == 0) continue;
             if (keys == 0) {  // nothing to attend to: zeros, not whatever the buffer held
                 for (int64_t i = 0; i < rows; ++i)
@@ -225,11 +225,11 @@ void attend(const T* q, const T* k, const T* v, T* out, int64_t stride, int64_t 
 
 template <typename T>
 int dispatch(const T* q, const T* k, const T* v, T* out, int64_t stride, int64_t out_stride,
-             const int32_t* cu, const int32_t* key_lens, int64_t seqs, int64_t heads,
+             const int32_t* cu, const int32_t* key_cu, int64_t seqs, int64_t heads,
              int64_t head_dim, float scale) {
 #define CASE(DV)                                                                       \
     case DV:                                                                           \
-        attend<DV>(q, k, v, out, stride, out_stride, cu, key_lens, seqs, heads, head_dim, \
+        attend<DV>(q, k, v, out, stride, out_stride, cu, key_cu, seqs, heads, head_dim, \
                    scale);                                                             \
         return 0;
     if (head_dim < 1) return 1;
@@ -244,17 +244,18 @@ int dispatch(const T* q, const T* k, const T* v, T* out, int64_t stride, int64_t
 
 // q, k, v: head 0 of token 0's query, key and value; tokens are `stride` elements apart (the
 // same for the three), a token's heads side by side, head_dim each. out: the same, tokens
-// out_stride apart. cu: [seqs + 1] token offsets of the sequences; key_lens: per sequence, how
-// many of its first tokens are keys (null: all). bf16: the tensors are bfloat16, else float32.
+// out_stride apart. cu: [seqs + 1] token offsets of the sequences; key_cu: [seqs + 1] offsets
+// of their keys, each sequence's first tokens (PackedBatch.key_rows; null: every token is a
+// key). bf16: the tensors are bfloat16, else float32.
 // Returns 0, or 1 (nothing written) when head_dim is not in 1..128.
 extern "C" int poolsvc_attention(const void* q, const void* k, const void* v, void* out,
                                  int bf16, int64_t stride, int64_t out_stride,
-                                 const int32_t* cu, const int32_t* key_lens, int64_t seqs,
+                                 const int32_t* cu, const int32_t* key_cu, int64_t seqs,
                                  int64_t heads, int64_t head_dim, float scale) {
     if (bf16)
         return dispatch((const uint16_t*)q, (const uint16_t*)k, (const uint16_t*)v,
-                        (uint16_t*)out, stride, out_stride, cu, key_lens, seqs, heads, head_dim,
+                        (uint16_t*)out, stride, out_stride, cu, key_cu, seqs, heads, head_dim,
                         scale);
     return dispatch((const float*)q, (const float*)k, (const float*)v, (float*)out, stride,
-                    out_stride, cu, key_lens, seqs, heads, head_dim, scale);
+                    out_stride, cu, key_cu, seqs, heads, head_dim, scale);
 }

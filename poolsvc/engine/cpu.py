@@ -256,24 +256,25 @@ def optimize(module: nn.Module, attention_kernel: native.Attention | None = None
     keeps PyTorch's."""
     module.forward = _in_slices(module.forward)
     count = 0
-    kernel = attention_kernel
     if isinstance(module, BertModel):  # RoBERTa and XLM-R too: the same layers
         act = module.config.hidden_act
-        count += _fuse(module.encoder.layer, lambda x: FusedBertLayer.of_bert(x, act, kernel))
+        count += _fuse(module.encoder.layer,
+                       lambda x: FusedBertLayer.of_bert(x, act, attention_kernel))
     elif isinstance(module, MPNetModel):
         act = module.config.hidden_act
-        count += _fuse(module.encoder.layer, lambda x: FusedBertLayer.of_mpnet(x, act, kernel))
+        count += _fuse(module.encoder.layer,
+                       lambda x: FusedBertLayer.of_mpnet(x, act, attention_kernel))
     elif isinstance(module, DistilBertModel):
         act = module.config.activation
         count += _fuse(module.transformer.layer,
-                       lambda x: FusedBertLayer.of_distilbert(x, act, kernel))
+                       lambda x: FusedBertLayer.of_distilbert(x, act, attention_kernel))
     elif isinstance(module, ModernBertModel):
         act = module.config.hidden_activation
-        count += _fuse(module.layers, lambda x: FusedModernBertLayer(x, act, kernel))
+        count += _fuse(module.layers, lambda x: FusedModernBertLayer(x, act, attention_kernel))
     elif isinstance(module, NomicBertModel):
         for attention in module.modules():
             if isinstance(attention, NomicBertAttention):
-                attention.attention_kernel = kernel
+                attention.attention_kernel = attention_kernel
     if isinstance(module, BertForMaskedLM):  # SPLADE: the vocabulary projection, 2.4x faster
         predictions = module.cls.predictions
         weight = module.embeddings.word_embeddings.weight if predictions.decoder is None \

@@ -123,8 +123,7 @@ def qkv_attention(qkv: torch.Tensor, batch: PackedBatch, window: int | None = No
     if qkv.is_cuda:
         return varlen_attention(*qkv.unbind(1), batch, window=window, bias=bias)
     window = _needed(window, batch)
-    if kernel is not None and window is None and bias is None and qkv.is_contiguous() \
-            and kernel.fits(qkv.shape[-1], qkv.dtype):
+    if kernel is not None and window is None and bias is None and kernel.takes(qkv):
         return kernel(qkv, batch)
     return _padded_attention(qkv, batch, False, 1.0 / math.sqrt(qkv.shape[-1]), False, window,
                              bias)

@@ -48,25 +48,28 @@ class Attention:
     def fits(head_dim: int, dtype: torch.dtype) -> bool:
         return 1 <= head_dim <= MAX_HEAD_DIM and dtype in (torch.float32, torch.bfloat16)
 
+    def takes(self, qkv: torch.Tensor) -> bool:
+        """Whether `qkv` is what the kernel reads: [num_tokens, 3, heads, head_dim], contiguous,
+        on the CPU, in a dtype and head size that `fits`."""
+        return qkv.dim() == 4 and qkv.shape[1] == 3 and qkv.is_contiguous() \
+            and qkv.device.type == "cpu" and self.fits(qkv.shape[-1], qkv.dtype)
+
     def __call__(self, qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """softmax(q k^T / sqrt(head_dim)) v within each sequence (keys: each sequence's first
-        key_lens tokens), for qkv [num_tokens, 3, heads, head_dim] on the CPU, contiguous, in a
-        dtype and head size that `fits`; returns [num_tokens, heads, head_dim]."""
-        tokens, three, heads, head_dim = qkv.shape
-        if three != 3 or not qkv.is_contiguous() or qkv.device.type != "cpu" \
-                or not self.fits(head_dim, qkv.dtype):
+        key_lens tokens), for a qkv the kernel `takes`; returns [num_tokens, heads, head_dim]."""
+        if not self.takes(qkv):
             raise ValueError(f"the native attention takes a contiguous CPU qkv [tokens, 3, heads, "
                              f"head_dim <= {MAX_HEAD_DIM}] in float32 or bfloat16, not "
                              f"{qkv.dtype} {tuple(qkv.shape)}")
+        tokens, _, heads, head_dim = qkv.shape
         out = qkv.new_empty(tokens, heads, head_dim)
-        cu = batch.cu_seqlens
-        keys = None if batch.key_lens is None else torch.tensor(batch.key_lens,
-                                                                 dtype=torch.int32)
+        key_cu = None if batch.key_rows is None else batch.key_rows[1]  # built once a batch
         width = heads * head_dim
         base, size = qkv.data_ptr(), qkv.element_size()
         status = self._fn(base, base + width * size, base + 2 * width * size, out.data_ptr(),
-                          int(qkv.dtype is torch.bfloat16), 3 * width, width, cu.data_ptr(),
-                          None if keys is None else keys.data_ptr(), batch.num_seqs, heads,
+                          int(qkv.dtype is torch.bfloat16), 3 * width, width,
+                          batch.cu_seqlens.data_ptr(),
+                          None if key_cu is None else key_cu.data_ptr(), batch.num_seqs, heads,
                           head_dim, 1.0 / math.sqrt(head_dim))
         if status:
             raise RuntimeError(f"attention.cpp refused head_dim {head_dim}")
