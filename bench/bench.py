@@ -5,8 +5,9 @@
     python bench/bench.py --repeat 3            # three interleaved rounds, the best of each
     python bench/bench.py --systems st,ort-fp32,poolsvc-float32 --no-served
     python bench/bench.py --random bert-base --device cuda --systems st,poolsvc-bfloat16
-    python bench/bench.py --systems poolsvc-float32,pt-attention-float32 --no-served  # the
-        # CPU attention kernel (engine/attention.cpp) against PyTorch's, which runs without it
+    python bench/bench.py --systems poolsvc-float32,no-compiler-float32 --no-served  # the
+        # CPU kernels (engine/linear.cpp, attention.cpp) against oneDNN's products and
+        # PyTorch's attention, which run without them
 
 On bench/data/queries.jsonl and passages.jsonl separately, with the same model and thread count:
 sentence-transformers `encode` (the baseline of every ratio), ONNX Runtime float32 and int8
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 SHORT = "How do I open a file for reading?"
 SYSTEMS = ("st", "ort-fp32", "ort-fp32-fused", "ort-int8", "poolsvc-float32",
-           "poolsvc-bfloat16", "pt-attention-float32", "pt-attention-bfloat16")
+           "poolsvc-bfloat16", "no-compiler-float32", "no-compiler-bfloat16")
 DEFAULT_SYSTEMS = SYSTEMS[:6]
 LABELS = {
     "st": "sentence-transformers encode, fp32",
@@ -49,9 +50,9 @@ LABELS = {
     "ort-int8": "ONNX Runtime int8 per-channel",
     "poolsvc-float32": "poolsvc float32",
     "poolsvc-bfloat16": "poolsvc bfloat16",
-    # poolsvc as it runs where attention.cpp cannot be built (no C++ compiler): offline only
-    "pt-attention-float32": "poolsvc float32, PyTorch attention",
-    "pt-attention-bfloat16": "poolsvc bfloat16, PyTorch attention",
+    # poolsvc as it runs where its kernels cannot be built (no C++ compiler): offline only
+    "no-compiler-float32": "poolsvc float32, oneDNN + PyTorch attention",
+    "no-compiler-bfloat16": "poolsvc bfloat16, oneDNN + PyTorch attention",
 }
 
 
@@ -113,7 +114,7 @@ def build_system(name: str, model_path: str, device: str, threads: int, work: Pa
         return OrtEncoder(fused, model_path, threads, max_tokens)
     if name == "ort-int8":
         return OrtEncoder(quantize_int8(onnx_path), model_path, threads, max_tokens)
-    if name.startswith("pt-attention-"):  # as if native.load() found no compiler
+    if name.startswith("no-compiler-"):  # as if native.load() found no compiler
         from poolsvc.engine import native
         native.load = lambda: None
     return PoolsvcEncoder(model_path, device, name.rsplit("-", 1)[1], threads)

@@ -171,36 +171,38 @@ def test_joined_linears_split_back():
         assert (out - part(x)).abs().max() <= 1e-5
 
 
-def attention_kernel(which: str) -> native.Attention | None:
-    """The attention a test's optimized model runs: "pytorch" (None) or "native" (built)."""
-    if which == "pytorch":
+def kernels(path: str) -> native.Kernels | None:
+    """The kernels a test's optimized model runs: "onednn" (none: oneDNN's products, PyTorch's
+    attention), "native" (linear.cpp and attention.cpp, built) or "native-attention" (oneDNN's
+    products, as on a CPU without AVX-512)."""
+    if path == "onednn":
         return None
-    kernel = native.load()
-    if kernel is None:
-        pytest.skip("attention.cpp cannot be built here (no C++ compiler)")
-    return kernel
+    built = native.load()
+    if built is None:
+        pytest.skip("the native kernels cannot be built here (no C++ compiler)")
+    return built if path == "native" else native.Kernels(built.attention, None)
 
 
-@pytest.mark.parametrize("attention", ["pytorch", "native"])
+@pytest.mark.parametrize("path", ["onednn", "native", "native-attention"])
 @pytest.mark.parametrize("case", enc.BODIES, ids=enc._name)
-def test_encoder_bodies_match_transformers(tmp_path, case, attention):
+def test_encoder_bodies_match_transformers(tmp_path, case, path):
     ours_cls, hf_class, hf_config, sizes, pairs = case
     init = {"add_pooling_layer": False} if hf_class is enc.transformers.BertModel else {}
     hf = enc.save_hf(tmp_path, hf_class, hf_config(**sizes), seed=1, **init)
     ours = load_ours(ours_cls, tmp_path)
-    assert cpu.optimize(ours, attention_kernel(attention)) == 4 * sizes["num_hidden_layers"]
+    assert cpu.optimize(ours, kernels(path)) == 4 * sizes["num_hidden_layers"]
     token_ids, token_types = enc.random_sequences(ours.max_positions, seed=2, pairs=pairs)
     (hidden, want), _ = enc.run_both(ours, hf, None, token_ids, token_types)
     assert enc.max_diff(hidden, want) <= enc.ATOL
 
 
-@pytest.mark.parametrize("attention", ["pytorch", "native"])
+@pytest.mark.parametrize("path", ["onednn", "native"])
 @pytest.mark.parametrize("case", enc.TASKS, ids=enc._name)
-def test_encoder_classifiers_match_transformers(tmp_path, case, attention):
+def test_encoder_classifiers_match_transformers(tmp_path, case, path):
     ours_cls, _, hf_class, hf_config, sizes = case
     hf = enc.save_hf(tmp_path, hf_class, hf_config(**sizes, num_labels=3), seed=3)
     ours = load_ours(ours_cls, tmp_path)
-    cpu.optimize(ours, attention_kernel(attention))
+    cpu.optimize(ours, kernels(path))
     token_ids, token_types = enc.random_sequences(ours.max_positions, seed=4,
                                                   pairs=sizes["type_vocab_size"] > 1)
     (hidden, want_hidden), (logits, want_logits) = enc.run_both(
@@ -210,13 +212,14 @@ def test_encoder_classifiers_match_transformers(tmp_path, case, attention):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("path", ["onednn", "native"])
 @pytest.mark.parametrize("case", ["llama-biases", "mistral", "qwen2", "qwen3"])
-def test_decoder_bodies_match_transformers(tmp_path, case):
+def test_decoder_bodies_match_transformers(tmp_path, case, path):
     family, cls, overrides, _ = dec.BODIES[case]
     ref = dec.hf_model(family, "Model", **overrides)
     ref.save_pretrained(tmp_path)
     ours = load_ours(cls, tmp_path)
-    assert cpu.optimize(ours) == 7 * dec.TINY["num_hidden_layers"]
+    assert cpu.optimize(ours, kernels(path)) == 7 * dec.TINY["num_hidden_layers"]
     seqs = dec.token_ids()
     want = dec.hf_hidden(ref, seqs)
     assert dec.max_diff(ours(dec.packed(seqs)), want) <= dec.TOL
@@ -224,15 +227,15 @@ def test_decoder_bodies_match_transformers(tmp_path, case):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("attention", ["pytorch", "native"])
-def test_bfloat16_bert_tracks_float32(tmp_path, attention):
+@pytest.mark.parametrize("path", ["onednn", "native"])
+def test_bfloat16_bert_tracks_float32(tmp_path, path):
     if not cpu.supports(torch.bfloat16):
         pytest.skip("no bfloat16 oneDNN kernels on this CPU")
     enc.save_hf(tmp_path, enc.transformers.BertModel, enc.transformers.BertConfig(**enc.BERT),
                 seed=1, add_pooling_layer=False)
     want = load_ours(enc.BertModel, tmp_path)
     ours = load_ours(enc.BertModel, tmp_path).to(torch.bfloat16)
-    cpu.optimize(ours, attention_kernel(attention))
+    cpu.optimize(ours, kernels(path))
     token_ids, _ = enc.random_sequences(want.max_positions, seed=2, pairs=False)
     batch = PackedBatch.build(token_ids, None, torch.device("cpu"))
     got = ours(batch)

@@ -20,7 +20,7 @@ from poolsvc_client import decode_tensor
 from tiny_models import TOKENIZER_FILES, load_ours
 
 from poolsvc import LLM
-from poolsvc.engine import cpu
+from poolsvc.engine import cpu, native
 from poolsvc.engine.errors import ModelLoadError
 from poolsvc.engine.models import ARCHITECTURES
 from poolsvc.engine.packing import PackedBatch
@@ -127,14 +127,14 @@ def max_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got - want).abs().max().item()
 
 
-@pytest.mark.parametrize("optimized", [False, True], ids=["torch", "onednn"])
+@pytest.mark.parametrize("optimized", [False, True], ids=["torch", "cpu-path"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_body_matches_transformers(checkpoints, variant, optimized, small_blocks):
     directory = checkpoints[variant]["Model"]
     hf = transformers.AutoModel.from_pretrained(directory).eval()
     ours = load_ours(ours_class("Model"), directory)
     if optimized:
-        assert cpu.optimize(ours) > 0
+        assert cpu.optimize(ours, native.load()) > 0  # as served: the native kernels
     assert ours.max_positions == 160
     _, hidden, outputs = forward_both(ours, hf, variant)
     want = torch.cat([o.last_hidden_state[0] for o in outputs])

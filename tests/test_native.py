@@ -1,7 +1,7 @@
 """engine/native.py and attention.cpp: the kernel equals attention computed per sequence, in
-float32 and bfloat16, for any head size it takes; what it refuses; how it is built and cached,
-and what happens without a compiler. (Whole models through it: test_cpu.py and
-test_models_families.py, with attention "native".)"""
+float32 and bfloat16, for any head size it takes; what it refuses; how the kernels are built and
+cached, and what happens without a compiler. (linear.cpp: test_native_linear.py; whole models
+through both: test_cpu.py and test_models_families.py, "native".)"""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def kernel():
     if COMPILER is None:
         pytest.skip("no C++ compiler on PATH")
     built = native.load()
-    assert built is not None, "attention.cpp failed to build with the compiler on PATH"
-    return built
+    assert built is not None, "the kernels failed to build with the compiler on PATH"
+    return built.attention
 
 
 def packed(lens: list[int], key_lens: list[int] | None = None) -> PackedBatch:
@@ -133,13 +133,13 @@ def test_fits():
 def test_a_build_is_cached_by_its_key(tmp_path, kernel):
     built = native.build(COMPILER, tmp_path)
     assert built is not None
-    (library,) = tmp_path.glob("attention-*.so")
+    (library,) = tmp_path.glob("kernels-*.so")
     stamp = library.stat().st_mtime_ns
     assert native.build(COMPILER, tmp_path) is not None
     assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no temporary left
     assert library.stat().st_mtime_ns == stamp  # loaded, not rebuilt
     qkv = torch.randn(5, 3, 2, 16)
-    assert torch.equal(built(qkv, packed([5])), kernel(qkv, packed([5])))
+    assert torch.equal(built.attention(qkv, packed([5])), kernel(qkv, packed([5])))
 
 
 def test_no_compiler_keeps_pytorch(tmp_path, caplog):
@@ -147,7 +147,7 @@ def test_no_compiler_keeps_pytorch(tmp_path, caplog):
         assert native.build(None, tmp_path) is None
         assert native.build(str(tmp_path / "no-such-c++"), tmp_path) is None
     assert "no C++ compiler" in caplog.text
-    assert "keeps PyTorch's attention" in caplog.text
+    assert "keeps PyTorch's attention and oneDNN's products" in caplog.text
     assert not list(tmp_path.glob("*.so"))
 
 

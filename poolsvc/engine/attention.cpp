@@ -17,36 +17,15 @@
 #include <immintrin.h>
 #endif
 
+#include "vector.h"
+
 namespace {
 
-constexpr int W = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-
-inline vf splat(float c) { return vf{} + c; }
-
-// exp for x <= 0 (scores minus their maximum): Cephes' expf, about 1 ulp.
-inline vf vexp(vf x) {
-    x = x < splat(-87.3f) ? splat(-87.3f) : x;
-    vf fx = x * 1.44269504088896341f;
-    vi n = __builtin_convertvector(fx, vi);  // toward zero
-    vf nf = __builtin_convertvector(n, vf);
-    nf = nf > fx ? nf - 1.0f : nf;            // floor
-    nf = (fx - nf) >= 0.5f ? nf + 1.0f : nf;  // nearest
-    n = __builtin_convertvector(nf, vi);
-    x = x - nf * 0.693359375f;
-    x = x + nf * 2.12194440e-4f;
-    vf z = x * x;
-    vf y = splat(1.9875691500e-4f);
-    y = y * x + 1.3981999507e-3f;
-    y = y * x + 8.3334519073e-3f;
-    y = y * x + 4.1665795894e-2f;
-    y = y * x + 1.6666665459e-1f;
-    y = y * x + 5.0000001201e-1f;
-    y = y * z + x + 1.0f;
-    vi e = (n + 127) << 23;
-    return y * (vf)e;
-}
+using poolsvc::splat;
+using poolsvc::vexp;
+using poolsvc::vf;
+using poolsvc::vi;
+using poolsvc::W;
 
 inline float reduce_max(vf x) {
 #ifdef __AVX512F__
@@ -69,20 +48,9 @@ inline float reduce_add(vf x) {
 }
 
 inline float load(const float* p) { return *p; }
-inline float load(const uint16_t* p) {
-    uint32_t u = uint32_t(*p) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
+inline float load(const uint16_t* p) { return poolsvc::from_bf16(*p); }
 inline void store(float* p, float f) { *p = f; }
-inline void store(uint16_t* p, float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { *p = uint16_t((u >> 16) | 0x40); return; }  // NaN
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-    *p = uint16_t(u >> 16);
-}
+inline void store(uint16_t* p, float f) { *p = poolsvc::to_bf16(f); }
 
 struct Scratch {
     std::vector<vf> kt, v, s;

@@ -292,8 +292,9 @@ class EngineConfig:
                                    "counts real tokens, not padding)", default=16384)
     max_batch_inputs: int = option("most inputs in one device batch", default=512)
     disable_kernels: bool = option("run PyTorch ops instead of poolsvc's fast paths (the Triton "
-                                   "kernels of kernels/ on CUDA; oneDNN's fused products and "
-                                   "attention.cpp on the CPU), to bisect a numerical difference",
+                                   "kernels of kernels/ on CUDA; linear.cpp's or oneDNN's "
+                                   "fused products and attention.cpp on the CPU), to bisect a "
+                                   "numerical difference",
                                    default=False)
     auto_truncate: bool = option("truncate over-long inputs when a request does not say; "
                                  "without it they are rejected with INVALID_ARGUMENT",

@@ -1,25 +1,27 @@
-"""The CPU fast path, as a transform of a built model: `optimize(module)`.
+"""The CPU fast path, as a transform of a built model: `optimize(module, kernels)`.
 
 For one short text, MKL's sgemm (F.linear) spends twice as long in a small model's matrix
 products as oneDNN does with weights reordered once (5.0 against 2.6 ms for MiniLM's 24
-products at 11 rows), and for a batch each bias, GELU and residual add is one more pass over the
-activations (docs/benchmarks.md has the profiles). So:
+products at 11 rows), and poolsvc's own kernel (engine/linear.cpp) 0.6x of oneDNN's time again
+(1.6 ms); for a batch each bias, GELU and residual add is one more pass over the activations
+(docs/benchmarks.md has the profiles). So:
 
-- every linear layer of the body holds its weight reordered once, at load, into oneDNN's
-  blocked layout, and runs through `torch.ops.mkldnn._linear_pointwise` (the op inductor's
-  CPU freezing pass emits), in float32 or bfloat16 (AVX512-BF16 or AMX where the CPU has them);
-- the bias, the GELU and the residual add run inside the matrix product, as oneDNN post-ops;
+- every linear layer of the body holds its weight packed once, at load: in linear.cpp's panels
+  where the native kernels are built and the CPU fits them (AVX-512; AVX512-BF16 for
+  bfloat16), else in oneDNN's blocked layout, run through `torch.ops.mkldnn._linear_pointwise`
+  (the op inductor's CPU freezing pass emits), in float32 or bfloat16;
+- the bias, the GELU and the residual add run inside the matrix product (oneDNN: as post-ops);
 - the query, key and value of BERT-style layers (BERT, RoBERTa, MPNet, DistilBERT) are one
   matrix product, gathered once per attention bucket;
-- ModernBERT's GeGLU as two products, the gate's multiply a post-op of the second;
+- ModernBERT's GeGLU as two products, the gate's multiply inside the second;
 - attention without a score bias (BERT, RoBERTa, XLM-R, DistilBERT, NomicBERT, ModernBERT where
-  no sequence outgrows its window) runs poolsvc's own kernel (engine/native.py: within each
+  no sequence outgrows its window) runs poolsvc's own kernel (engine/attention.cpp: within each
   sequence, nothing padded, no scores across sequences) where it builds, else PyTorch's ops;
 - a batch runs in slices of whole sequences of about SLICE_TOKENS tokens (see _in_slices).
 
 The results are the same computation up to float rounding (the tests compare every family with
-its reference with the transform on). The reordered weights are opaque oneDNN tensors: a
-transformed module is for inference only and cannot be saved, copied or moved.
+its reference with the transform on). The packed weights are for inference only: a transformed
+module cannot be saved, copied or moved.
 """
 
 from __future__ import annotations
@@ -57,13 +59,14 @@ ROW_MULTIPLE = 16
 SLICE_TOKENS = 1024
 
 
-def by_blocks(fn, *inputs: torch.Tensor) -> torch.Tensor:
-    """fn applied to the same blocks of rows of `inputs` ([rows, ...] each), concatenated."""
+def by_blocks(fn, *inputs: torch.Tensor, pad: bool = True) -> torch.Tensor:
+    """fn applied to the same blocks of rows of `inputs` ([rows, ...] each), concatenated;
+    `pad`: blocks padded as oneDNN's kernels want them (not for linear.cpp's)."""
     rows = inputs[0].shape[0]
     if rows > ROW_BLOCK:
-        return torch.cat([by_blocks(fn, *(t[start:start + ROW_BLOCK] for t in inputs))
+        return torch.cat([by_blocks(fn, *(t[start:start + ROW_BLOCK] for t in inputs), pad=pad)
                           for start in range(0, rows, ROW_BLOCK)])
-    padding = -rows % ROW_MULTIPLE if rows > EXACT_ROWS else 0
+    padding = -rows % ROW_MULTIPLE if rows > EXACT_ROWS and pad else 0
     if not padding:
         return fn(*inputs)
     return fn(*(F.pad(t, (0, 0, 0, padding)) for t in inputs))[:rows]
@@ -78,28 +81,43 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype is torch.float32
 
 
+_POST = {"none": "gelu", "tanh": "gelu_tanh"}  # a oneDNN GELU algorithm -> linear.cpp's post
+
+
 class PackedLinear(nn.Module):
-    """nn.Linear with its weight in oneDNN's layout, and what oneDNN does after the product, in
-    the same kernel: `gelu` ("none": erf, "tanh") after the bias, or `binary` ("add", "mul") with
-    a second input of the output's shape. Called as layer(x), or layer(x, other) with `binary`."""
+    """nn.Linear with its weight packed once, and what follows the product in the same kernel:
+    `gelu` ("none": erf, "tanh") after the bias, or `binary` ("add", "mul") with a second input
+    of the output's shape. Called as layer(x), or layer(x, other) with `binary`. `linear`:
+    linear.cpp's kernel, which runs the product where it fits the weight's dtype; else oneDNN."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None,
-                 binary: str | None = None):
+                 binary: str | None = None, linear: native.Linear | None = None):
         super().__init__()
         if gelu is not None and binary is not None:
             raise ValueError("a GELU and a binary post-op cannot both follow the product")
         self.out_features, self.in_features = weight.shape
-        # An attribute, not a buffer: an opaque oneDNN tensor has no storage to save or copy.
-        # The row count only picks the layout, any number of rows runs; reordered without one,
-        # each new number of rows cost ~0.6 MiB more (a second copy of the weight).
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROW_MULTIPLE)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.attr, self.algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
         self.binary = binary
+        # Attributes, not buffers: the packed weights are not state_dict tensors to save or copy.
+        self.native = None  # linear.cpp's product, where it fits
+        if linear is not None and linear.fits(weight.dtype):
+            self.native = linear.product(weight, bias, binary or _POST.get(gelu))
+            self.packed = self.native.packed
+            self.register_buffer("bias", self.native.bias)  # float32, what the kernel adds
+        else:
+            # The row count only picks the layout, any number of rows runs; reordered without
+            # one, each new number of rows cost ~0.6 MiB more (a second copy of the weight).
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROW_MULTIPLE)
+            self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def pads(self) -> bool:
+        """Whether blocks of rows are padded for this layer (oneDNN's, see by_blocks)."""
+        return self.native is None
 
     @classmethod
-    def of(cls, *linears: nn.Linear, gelu: str | None = None,
-           binary: str | None = None) -> PackedLinear:
+    def of(cls, *linears: nn.Linear, gelu: str | None = None, binary: str | None = None,
+           linear: native.Linear | None = None) -> PackedLinear:
         """One layer for `linears` of the same input, outputs side by side."""
         weight = torch.cat([lin.weight for lin in linears])  # [sum of out, in]
         biases = [lin.bias for lin in linears]
@@ -108,7 +126,7 @@ class PackedLinear(nn.Module):
         else:
             bias = torch.cat([b if b is not None else weight.new_zeros(lin.out_features)
                               for b, lin in zip(biases, linears)])
-        return cls(weight, bias, gelu, binary)
+        return cls(weight, bias, gelu, binary, linear)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         """[rows, in] -> [rows, out]; with `binary`, then added to or multiplied by `other`
@@ -116,6 +134,8 @@ class PackedLinear(nn.Module):
         if (other is None) != (self.binary is None):
             raise TypeError(f"this product's binary post-op is {self.binary!r}: pass `other` "
                             "exactly when it has one")
+        if self.native is not None:
+            return self.native(x, other)
         if other is None:
             return by_blocks(self._forward, x)
         return by_blocks(self._binary, x, other)
@@ -127,7 +147,7 @@ class PackedLinear(nn.Module):
         return _linear.binary(x, other, self.packed, self.bias, self.binary)
 
     @property
-    def kernel(self) -> tuple:
+    def onednn_key(self) -> tuple:
         """What oneDNN builds and caches a kernel for, besides the number of rows and threads:
         layers with the same key share their kernels."""
         return (self.in_features, self.out_features, self.bias is None, self.attr,
@@ -142,64 +162,67 @@ class PackedLinear(nn.Module):
         fused = f", gelu={self.algorithm!r}" if self.attr == "gelu" else ""
         if self.binary is not None:
             fused += f", binary={self.binary!r}"
-        return f"in_features={self.in_features}, out_features={self.out_features}{fused}"
+        by = "linear.cpp" if self.native is not None else "oneDNN"
+        return f"in_features={self.in_features}, out_features={self.out_features}{fused}, by {by}"
 
 
 class FusedBertLayer(nn.Module):
     """A post-norm encoder layer (BERT's; MPNet's and DistilBERT's under their names): one
     [3 * hidden, hidden] product for query, key and value, then attention, then the rest of the
     layer (output product + residual + LayerNorm, FFN) one block of rows at a time, so a block's
-    [rows, intermediate] activations stay in cache between its products. `attention_kernel`:
-    the native attention, for qkv_attention to use where it fits (not with MPNet's bias)."""
+    [rows, intermediate] activations stay in cache between its products. `kernels`: the native
+    ones, for the products and for qkv_attention to use where they fit (the attention not with
+    MPNet's bias)."""
 
     def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear, num_heads: int,
                  attention_output: nn.Linear, attention_norm: nn.LayerNorm,
                  intermediate: nn.Linear, hidden_act: str, output: nn.Linear,
-                 output_norm: nn.LayerNorm, attention_kernel: native.Attention | None = None):
+                 output_norm: nn.LayerNorm, kernels: native.Kernels | None = None):
         super().__init__()
         self.num_heads = num_heads
-        self.attention_kernel = attention_kernel
-        self.qkv = PackedLinear.of(query, key, value)
-        self.attention_output = PackedLinear.of(attention_output, binary="add")
+        self.attention_kernel = kernels and kernels.attention
+        linear = kernels and kernels.linear
+        self.qkv = PackedLinear.of(query, key, value, linear=linear)
+        self.attention_output = PackedLinear.of(attention_output, binary="add", linear=linear)
         self.attention_norm = attention_norm
         gelu = FUSED_GELU.get(hidden_act)
-        self.intermediate = PackedLinear.of(intermediate, gelu=gelu)
-        # activations oneDNN has no post-op for run after the product
+        self.intermediate = PackedLinear.of(intermediate, gelu=gelu, linear=linear)
+        # activations with no fused form run after the product
         self.act = None if gelu is not None else activation(hidden_act)
-        self.output = PackedLinear.of(output, binary="add")
+        self.output = PackedLinear.of(output, binary="add", linear=linear)
         self.output_norm = output_norm
 
     @classmethod
     def of_bert(cls, layer: BertLayer, hidden_act: str,
-                attention_kernel: native.Attention | None) -> FusedBertLayer:
+                kernels: native.Kernels | None) -> FusedBertLayer:
         attn = layer.attention.self
         return cls(attn.query, attn.key, attn.value, attn.num_heads,
                    layer.attention.output.dense, layer.attention.output.LayerNorm,
                    layer.intermediate.dense, hidden_act, layer.output.dense,
-                   layer.output.LayerNorm, attention_kernel)
+                   layer.output.LayerNorm, kernels)
 
     @classmethod
     def of_mpnet(cls, layer: MPNetLayer, hidden_act: str,
-                 attention_kernel: native.Attention | None) -> FusedBertLayer:
+                 kernels: native.Kernels | None) -> FusedBertLayer:
         attn = layer.attention.attn
         return cls(attn.q, attn.k, attn.v, attn.num_heads, attn.o, layer.attention.LayerNorm,
                    layer.intermediate.dense, hidden_act, layer.output.dense,
-                   layer.output.LayerNorm, attention_kernel)
+                   layer.output.LayerNorm, kernels)
 
     @classmethod
     def of_distilbert(cls, layer: TransformerBlock, hidden_act: str,
-                      attention_kernel: native.Attention | None) -> FusedBertLayer:
+                      kernels: native.Kernels | None) -> FusedBertLayer:
         attn, ffn = layer.attention, layer.ffn
         return cls(attn.q_lin, attn.k_lin, attn.v_lin, attn.n_heads, attn.out_lin,
                    layer.sa_layer_norm, ffn.lin1, hidden_act, ffn.lin2, layer.output_layer_norm,
-                   attention_kernel)
+                   kernels)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, bias=None) -> torch.Tensor:
         """`bias`: MPNet's relative-position bias (layers.varlen_attention)."""
         qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1)  # [num_tokens, 3, heads, d]
         context = qkv_attention(qkv, batch, bias=bias,
                                 kernel=self.attention_kernel).flatten(1)  # [num_tokens, hidden]
-        return by_blocks(self._after_attention, context, x)
+        return by_blocks(self._after_attention, context, x, pad=self.qkv.pads)
 
     def _after_attention(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = self.attention_norm(self.attention_output(context, x))  # + x in the product
@@ -216,29 +239,30 @@ class FusedModernBertLayer(nn.Module):
     product passes)."""
 
     def __init__(self, layer: ModernBertEncoderLayer, hidden_act: str,
-                 attention_kernel: native.Attention | None = None):
+                 kernels: native.Kernels | None = None):
         super().__init__()
-        self.attention_kernel = attention_kernel
+        self.attention_kernel = kernels and kernels.attention
+        linear = kernels and kernels.linear
         self.attention_type = layer.attention_type
         self.attn_norm, self.mlp_norm = layer.attn_norm, layer.mlp_norm
         self.head_dim, self.window = layer.attn.head_dim, layer.attn.window
-        self.Wqkv = PackedLinear.of(layer.attn.Wqkv)
-        self.attn_out = PackedLinear.of(layer.attn.Wo, binary="add")
+        self.Wqkv = PackedLinear.of(layer.attn.Wqkv, linear=linear)
+        self.attn_out = PackedLinear.of(layer.attn.Wo, binary="add", linear=linear)
         mlp, half = layer.mlp, layer.mlp.Wo.in_features
         gelu = FUSED_GELU.get(hidden_act)
         bias = mlp.Wi.bias
         self.act = None if gelu is not None else mlp.act
         self.inputs = PackedLinear(mlp.Wi.weight[:half], None if bias is None else bias[:half],
-                                   gelu)
+                                   gelu, linear=linear)
         self.gate = PackedLinear(mlp.Wi.weight[half:], None if bias is None else bias[half:],
-                                 binary="mul")
-        self.mlp_out = PackedLinear.of(mlp.Wo, binary="add")
+                                 binary="mul", linear=linear)
+        self.mlp_out = PackedLinear.of(mlp.Wo, binary="add", linear=linear)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 batch: PackedBatch) -> torch.Tensor:
         context = attend(self.Wqkv(self.attn_norm(x)), self.head_dim, self.window, cos, sin,
                          batch, self.attention_kernel)  # [num_tokens, hidden]
-        return by_blocks(self._after_attention, context, x)
+        return by_blocks(self._after_attention, context, x, pad=self.Wqkv.pads)
 
     def _after_attention(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = self.attn_out(context, x)  # [rows, hidden], + x in the product
@@ -249,39 +273,38 @@ class FusedModernBertLayer(nn.Module):
         return self.mlp_out(self.gate(h, inputs), x)
 
 
-def optimize(module: nn.Module, attention_kernel: native.Attention | None = None) -> int:
+def optimize(module: nn.Module, kernels: native.Kernels | None = None) -> int:
     """Switches `module`'s body to the CPU fast path in place; returns how many matrix products
-    it runs through oneDNN. The module must already be on the CPU in its serving dtype.
-    `attention_kernel`: the native attention (native.load()) for the attention it takes; None
-    keeps PyTorch's."""
+    it packs. The module must already be on the CPU in its serving dtype. `kernels`: the native
+    ones (native.load()) for the products and attention they take; None keeps oneDNN's
+    products and PyTorch's attention."""
     module.forward = _in_slices(module.forward)
+    linear = kernels and kernels.linear
     count = 0
     if isinstance(module, BertModel):  # RoBERTa and XLM-R too: the same layers
         act = module.config.hidden_act
-        count += _fuse(module.encoder.layer,
-                       lambda x: FusedBertLayer.of_bert(x, act, attention_kernel))
+        count += _fuse(module.encoder.layer, lambda x: FusedBertLayer.of_bert(x, act, kernels))
     elif isinstance(module, MPNetModel):
         act = module.config.hidden_act
-        count += _fuse(module.encoder.layer,
-                       lambda x: FusedBertLayer.of_mpnet(x, act, attention_kernel))
+        count += _fuse(module.encoder.layer, lambda x: FusedBertLayer.of_mpnet(x, act, kernels))
     elif isinstance(module, DistilBertModel):
         act = module.config.activation
         count += _fuse(module.transformer.layer,
-                       lambda x: FusedBertLayer.of_distilbert(x, act, attention_kernel))
+                       lambda x: FusedBertLayer.of_distilbert(x, act, kernels))
     elif isinstance(module, ModernBertModel):
         act = module.config.hidden_activation
-        count += _fuse(module.layers, lambda x: FusedModernBertLayer(x, act, attention_kernel))
+        count += _fuse(module.layers, lambda x: FusedModernBertLayer(x, act, kernels))
     elif isinstance(module, NomicBertModel):
         for attention in module.modules():
             if isinstance(attention, NomicBertAttention):
-                attention.attention_kernel = attention_kernel
+                attention.attention_kernel = kernels and kernels.attention
     if isinstance(module, BertForMaskedLM):  # SPLADE: the vocabulary projection, 2.4x faster
         predictions = module.cls.predictions
         weight = module.embeddings.word_embeddings.weight if predictions.decoder is None \
             else predictions.decoder.weight
-        predictions.vocab = PackedLinear(weight, predictions.bias)
+        predictions.vocab = PackedLinear(weight, predictions.bias, linear=linear)
         count += 1
-    return count + _pack_linears(module)
+    return count + _pack_linears(module, linear)
 
 
 def warm(module: nn.Module) -> int:
@@ -293,8 +316,8 @@ def warm(module: nn.Module) -> int:
     larger blocks are padded to a few shapes and cost enough for one build not to matter."""
     kernels: dict[tuple, PackedLinear] = {}
     for layer in module.modules():
-        if isinstance(layer, PackedLinear):
-            kernels.setdefault(layer.kernel, layer)
+        if isinstance(layer, PackedLinear) and layer.native is None:  # linear.cpp builds none
+            kernels.setdefault(layer.onednn_key, layer)
     with torch.inference_mode():
         for layer in kernels.values():
             for rows in range(1, EXACT_ROWS + 1):
@@ -330,14 +353,14 @@ def _in_slices(forward):
     return run
 
 
-def _pack_linears(module: nn.Module) -> int:
+def _pack_linears(module: nn.Module, linear: native.Linear | None) -> int:
     count = 0
     for name, child in module.named_children():
         if name in _KEEP:
             continue
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear.of(child))
+            setattr(module, name, PackedLinear.of(child, linear=linear))
             count += 1
         else:
-            count += _pack_linears(child)
+            count += _pack_linears(child, linear)
     return count

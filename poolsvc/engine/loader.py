@@ -165,10 +165,12 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
                                              dtype)
         if use_kernels and device.type == "cpu" and implementation == "poolsvc" \
                 and cpu.supports(dtype):
-            attention = native.load()
-            log.info("%s: %d matrix products on the oneDNN CPU path, attention by %s", spec.name,
-                     cpu.optimize(backend, attention),
-                     "PyTorch" if attention is None else "engine/attention.cpp")
+            kernels = native.load()
+            products = cpu.optimize(backend, kernels)
+            by_native = kernels is not None and kernels.linear.fits(dtype)
+            log.info("%s: %d matrix products packed for the CPU path, run by %s; attention by %s",
+                     spec.name, products, "engine/linear.cpp" if by_native else "oneDNN",
+                     "PyTorch" if kernels is None else "engine/attention.cpp")
         vocab_size, logit = int(files.hf_config["vocab_size"]), None
     dense = _load_dense(files.dense, backend.hidden_size, allow_pickle)
     if dense is not None:

@@ -1,16 +1,20 @@
-"""poolsvc's own CPU kernel, attention.cpp: built on first use with the machine's C++ compiler,
-cached, and called through ctypes.
+"""poolsvc's own CPU kernels, attention.cpp and linear.cpp: built on first use with the
+machine's C++ compiler into one library, cached, and called through ctypes (which releases the
+GIL).
 
-`load()` returns the kernel, or None where it cannot be built (no compiler, a failed build): the
-CPU path then keeps PyTorch's attention, and says so once in the log. The build is keyed by the
-source, the compiler, its flags and the CPU's features (it is compiled for this CPU), and kept in
-POOLSVC_CACHE_DIR (default: $XDG_CACHE_HOME/poolsvc, else ~/.cache/poolsvc), so a restart loads
-it in milliseconds. CXX names the compiler (default: c++, then g++).
+`load()` returns them (`Kernels`), or None where they cannot be built (no compiler, a failed
+build): the CPU path then keeps PyTorch's attention and oneDNN's products, and says so once in
+the log. Where the CPU lacks AVX-512 (float32) or AVX512-BF16 (bfloat16), `Linear.fits` says no
+and oneDNN runs the products. The build is keyed by the sources, the compiler, its flags and the
+CPU's features (it is compiled for this CPU), and kept in POOLSVC_CACHE_DIR (default:
+$XDG_CACHE_HOME/poolsvc, else ~/.cache/poolsvc), so a restart loads it in milliseconds. CXX
+names the compiler (default: c++, then g++).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -27,7 +31,9 @@ from poolsvc.engine.packing import PackedBatch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("attention.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "attention.cpp", HERE / "linear.cpp")
+HEADERS = (HERE / "vector.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
 MAX_HEAD_DIM = 128  # attention.cpp's largest head
 
@@ -76,9 +82,104 @@ class Attention:
         return out
 
 
+class Linear:
+    """The kernel of matrix products: `product(weight, bias, post)` packs a weight once and
+    returns the layer's product, post(x W^T + bias), where `post` is nothing, a GELU ("gelu":
+    erf, "gelu_tanh") or a second input of the output's shape added ("add") or multiplied
+    ("mul")."""
+
+    POSTS = {None: 0, "gelu": 1, "gelu_tanh": 2, "add": 3, "mul": 4}
+
+    def __init__(self, library: ctypes.CDLL):
+        self._fits = library.poolsvc_linear_fits
+        self._fits.restype = ctypes.c_int
+        self._fits.argtypes = [ctypes.c_int]
+        self._size = library.poolsvc_linear_packed_size
+        self._size.restype = ctypes.c_int64
+        self._size.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        self._pack = library.poolsvc_linear_pack
+        self._pack.restype = None
+        self._pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                               ctypes.c_int]
+        self._fn = library.poolsvc_linear
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+
+    def fits(self, dtype: torch.dtype) -> bool:
+        """Whether this build, on this CPU, runs products in `dtype`."""
+        return dtype in (torch.float32, torch.bfloat16) \
+            and bool(self._fits(int(dtype is torch.bfloat16)))
+
+    def product(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                post: str | None = None) -> Product:
+        """The product of `weight` ([out_features, in_features], CPU, a dtype that `fits`) and
+        `bias` ([out_features] or None; added in float32), followed by `post`."""
+        if weight.dim() != 2 or weight.device.type != "cpu" or not self.fits(weight.dtype):
+            raise ValueError(f"linear.cpp packs a 2-D CPU weight in a dtype it fits, not "
+                             f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
+        if post not in self.POSTS:
+            raise ValueError(f"post {post!r} is not one of {sorted(map(str, self.POSTS))}")
+        n, k = weight.shape
+        if bias is not None and bias.shape != (n,):
+            raise ValueError(f"the bias must be [{n}], not {tuple(bias.shape)}")
+        bf16 = int(weight.dtype is torch.bfloat16)
+        w = weight.detach().contiguous()
+        packed = w.new_empty(self._size(n, k, bf16))
+        self._pack(w.data_ptr(), n, k, packed.data_ptr(), bf16)
+        return Product(self._fn, packed, n, k,
+                       None if bias is None else bias.detach().float().contiguous().clone(), post)
+
+
+class Product:
+    """One layer's product (Linear.product): [..., in_features] -> [..., out_features], called
+    as product(x), or product(x, other) for "add" and "mul" (other: [..., out_features])."""
+
+    def __init__(self, fn, packed: torch.Tensor, out_features: int, in_features: int,
+                 bias: torch.Tensor | None, post: str | None):
+        self.packed, self.bias, self.post = packed, bias, post  # held: the kernel reads them
+        self.out_features, self.in_features, self.dtype = out_features, in_features, packed.dtype
+        self.binary = post in ("add", "mul")
+        # what every call passes unchanged, converted once (a call costs ~2 us of Python)
+        self._fn = fn
+        self._constant = (packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                          Linear.POSTS[post], int(packed.dtype is torch.bfloat16))
+
+    def __call__(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        if x.dtype is not self.dtype or not x.dim() or x.shape[-1] != k or not x.is_cpu:
+            raise ValueError(f"this product takes [..., {k}] {self.dtype} on the CPU, not "
+                             f"{x.dtype} {tuple(x.shape)} on {x.device}")
+        if (other is not None) != self.binary:
+            raise ValueError(f"post {self.post!r}: pass `other` exactly for 'add' and 'mul'")
+        rows = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
+        m = rows.shape[0]
+        out = rows.new_empty((m, n))
+        if other is not None:
+            if other.shape != x.shape[:-1] + (n,) or other.dtype is not self.dtype:
+                raise ValueError(f"`other` must be {self.dtype} {tuple(x.shape[:-1]) + (n,)}, "
+                                 f"not {other.dtype} {tuple(other.shape)}")
+            if not other.is_contiguous():
+                other = other.contiguous()
+        weight, bias, post, bf16 = self._constant
+        if m and self._fn(rows.data_ptr(), m, k, weight, n, bias, post,
+                                      None if other is None else other.data_ptr(),
+                                      out.data_ptr(), bf16, torch.get_num_threads()):
+            raise RuntimeError(f"linear.cpp refused {self.dtype} with post {post!r}")
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """What the library holds. `linear` None: products stay on oneDNN (tests use that)."""
+    attention: Attention
+    linear: Linear | None
+
+
 @functools.cache
-def load() -> Attention | None:
-    """The kernel, built (or found built) for this machine; None where it cannot be."""
+def load() -> Kernels | None:
+    """The kernels, built (or found built) for this machine; None where they cannot be."""
     return build(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"),
                  cache_dir())
 
@@ -90,14 +191,15 @@ def cache_dir() -> Path:
     return Path(root) / "poolsvc"
 
 
-def build(compiler: str | None, directory: Path) -> Attention | None:
-    """Compiles attention.cpp with `compiler` into `directory` unless a build with the same key
-    is there, and loads it; None (logged) when there is no compiler or the build fails."""
+def build(compiler: str | None, directory: Path) -> Kernels | None:
+    """Compiles the kernels with `compiler` into `directory` unless a build with the same key
+    is there, and loads them; None (logged) when there is no compiler or the build fails."""
     if not compiler:
-        log.warning("no C++ compiler (CXX, c++ or g++): the CPU path keeps PyTorch's attention")
+        log.warning("no C++ compiler (CXX, c++ or g++): the CPU path keeps PyTorch's attention "
+                    "and oneDNN's products")
         return None
     key = _key(compiler)
-    path = directory / f"attention-{key}.so"
+    path = directory / f"kernels-{key}.so"
     if not path.exists():
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -105,24 +207,28 @@ def build(compiler: str | None, directory: Path) -> Attention | None:
             # a half-written library
             with tempfile.TemporaryDirectory(dir=directory) as tmp:
                 out = Path(tmp) / path.name
-                done = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)],
+                done = subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES)],
                                       capture_output=True, text=True, timeout=300)
                 if done.returncode:
                     raise OSError(done.stderr.strip()[-2000:] or f"exit {done.returncode}")
                 os.replace(out, path)
         except (OSError, subprocess.SubprocessError) as e:
-            log.warning("building attention.cpp with %s into %s failed (%s): the CPU path keeps "
-                        "PyTorch's attention (POOLSVC_CACHE_DIR sets where the build goes)",
-                        compiler, directory, e)
+            log.warning("building the kernels (%s) with %s into %s failed (%s): the CPU path "
+                        "keeps PyTorch's attention and oneDNN's products (POOLSVC_CACHE_DIR sets "
+                        "where the build goes)", ", ".join(p.name for p in SOURCES), compiler,
+                        directory, e)
             return None
     # torch is imported first, so the library's libgomp is the one torch loaded: one OpenMP
     # team for both
-    return Attention(ctypes.CDLL(str(path)))
+    library = ctypes.CDLL(str(path))
+    return Kernels(Attention(library), Linear(library))
 
 
 def _key(compiler: str) -> str:
-    """What the built library depends on: the source, the compiler and flags, this CPU."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    """What the built library depends on: the sources, the compiler and flags, this CPU."""
+    digest = hashlib.sha256()
+    for source in SOURCES + HEADERS:
+        digest.update(source.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
