@@ -2,14 +2,14 @@
 
 For one short text, MKL's sgemm (F.linear) spends twice as long in a small model's matrix
 products as oneDNN does with weights reordered once (5.0 against 2.6 ms for MiniLM's 24
-products at 11 rows), and poolsvc's own kernel (engine/linear.cpp) 0.6x of oneDNN's time again
-(1.6 ms); for a batch each bias, GELU and residual add is one more pass over the activations
-(docs/benchmarks.md has the profiles). So:
+products at 11 rows), and poolsvc's own kernel (engine/linear.cpp) 0.65x of oneDNN's time
+again (1.8 ms, bench/products.py); for a batch each bias, GELU and residual add is one more pass
+over the activations (docs/benchmarks.md has the profiles). So:
 
 - every linear layer of the body holds its weight packed once, at load: in linear.cpp's panels
-  where the native kernels are built and the CPU fits them (AVX-512; AVX512-BF16 for
-  bfloat16), else in oneDNN's blocked layout, run through `torch.ops.mkldnn._linear_pointwise`
-  (the op inductor's CPU freezing pass emits), in float32 or bfloat16;
+  where the native kernels are built and the CPU fits them (AVX-512; AVX512-BF16 without AMX
+  for bfloat16), else in oneDNN's blocked layout, run through
+  `torch.ops.mkldnn._linear_pointwise` (the op inductor's CPU freezing pass emits);
 - the bias, the GELU and the residual add run inside the matrix product (oneDNN: as post-ops);
 - the query, key and value of BERT-style layers (BERT, RoBERTa, MPNet, DistilBERT) are one
   matrix product, gathered once per attention bucket;

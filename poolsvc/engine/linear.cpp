@@ -9,10 +9,11 @@
 // gate's multiply) are applied before the one store. Threads take panels; for many rows, the
 // rows go by chunks that stay in cache while every panel passes over them.
 //
-// For the few rows of one short text or a small batch this takes 0.55-0.65x of oneDNN's time
-// (MiniLM's 24 products at 11 rows: 1.6 against 2.6 ms in float32); for a batch it runs at
-// oneDNN's speed (both near the FMA units' peak). AVX-512 (float32) and AVX512-BF16 (bfloat16)
-// only: poolsvc_linear_fits says which this build has; oneDNN does the rest.
+// For the few rows of one short text or a small batch this takes 0.5-0.9x of oneDNN's time
+// (bench/products.py, MiniLM's 24 products at 11 rows: 1.77 against 2.72 ms in float32, 0.93
+// against 1.50 in bfloat16; 64 rows 0.89x); from 256 rows on it runs at 0.96-1.00x of
+// oneDNN's speed, both near the FMA units' peak. AVX-512 (float32) and AVX512-BF16 without AMX
+// (bfloat16) only: poolsvc_linear_fits says which this build has; oneDNN does the rest.
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -22,7 +23,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define POOLSVC_LINEAR_F32 1
-#if defined(__AVX512BF16__)
+// bfloat16 with AVX512-BF16's dot products, except where the CPU has AMX: there oneDNN's AMX
+// kernels are several times faster on batches
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
 #define POOLSVC_LINEAR_BF16 1
 #endif
 #endif
