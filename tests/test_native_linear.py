@@ -34,7 +34,8 @@ SHAPES = [  # rows, in_features, out_features
     (11, 384, 96),    # one short text, whole panels
     (1, 7, 5),        # a lone row; a partial panel, odd in_features
     (13, 33, 70),     # a register block and one more row; two panels and a part
-    (150, 1024, 64),  # several row chunks (256 KiB of x each)
+    (150, 1024, 64),  # K by many blocks of 128
+    (300, 8192, 40),  # several row chunks (4 MiB of x each)
 ]
 
 

@@ -2,9 +2,9 @@
 
 For one short text, MKL's sgemm (F.linear) spends twice as long in a small model's matrix
 products as oneDNN does with weights reordered once (5.0 against 2.6 ms for MiniLM's 24
-products at 11 rows), and poolsvc's own kernel (engine/linear.cpp) 0.65x of oneDNN's time
-again (1.8 ms, bench/products.py); for a batch each bias, GELU and residual add is one more pass
-over the activations (docs/benchmarks.md has the profiles). So:
+products at 11 rows), and poolsvc's own kernel (engine/linear.cpp) 0.7x of oneDNN's time
+again (1.7 against 2.4 ms, bench/products.py); for a batch each bias, GELU and residual add
+is one more pass over the activations (docs/benchmarks.md has the profiles). So:
 
 - every linear layer of the body holds its weight packed once, at load: in linear.cpp's panels
   where the native kernels are built and the CPU fits them (AVX-512; AVX512-BF16 without AMX

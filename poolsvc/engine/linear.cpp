@@ -7,11 +7,11 @@
 // MR x NB sums in registers through the whole of K: each weight vector loaded is used MR times
 // and nothing is written until the end, where the bias and `post` (GELU, or a residual add or a
 // gate's multiply) are applied before the one store. Threads take panels; for many rows, the
-// rows go by chunks that stay in cache while every panel passes over them.
+// rows go by chunks.
 //
-// For the few rows of one short text or a small batch this takes 0.5-0.9x of oneDNN's time
-// (bench/products.py, MiniLM's 24 products at 11 rows: 1.77 against 2.72 ms in float32, 0.93
-// against 1.50 in bfloat16; 64 rows 0.89x); from 256 rows on it runs at 0.96-1.00x of
+// For the few rows of one short text or a small batch this takes 0.45-0.9x of oneDNN's time
+// (bench/products.py, MiniLM's 24 products at 11 rows: 1.70 against 2.41 ms in float32, 0.83
+// against 1.34 in bfloat16; 64 rows 0.89-0.92x); from 256 rows on it runs within 4% of
 // oneDNN's speed, both near the FMA units' peak. AVX-512 (float32) and AVX512-BF16 without AMX
 // (bfloat16) only: poolsvc_linear_fits says which this build has; oneDNN does the rest.
 #include <cstdint>
@@ -37,7 +37,10 @@ using poolsvc::vi;
 
 constexpr int NB = 32;  // output columns per panel: two vectors
 constexpr int MR = 12;  // rows per block: 24 sums in registers
-constexpr int64_t CHUNK_BYTES = 256 * 1024;  // rows of x per chunk, for many rows
+// rows of x per chunk, for many rows: a chunk passes over every panel, so each chunk streams
+// the weights once more (at 256 KiB, K = 3,072 made chunks of 12 rows: BERT-base at 0.93x of
+// oneDNN for 256 rows; at 4 MiB, 0.97x, and MiniLM unchanged)
+constexpr int64_t CHUNK_BYTES = 4 << 20;
 constexpr int64_t KB = 128;  // sums over K go by blocks of KB (even), added at the end of each:
                              // float32's error grows with a block, not with all of K
 
