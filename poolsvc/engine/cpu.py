@@ -102,7 +102,6 @@ class PackedLinear(nn.Module):
         self.native = None  # linear.cpp's product, where it fits
         if linear is not None and linear.fits(weight.dtype):
             self.native = linear.product(weight, bias, binary or _POST.get(gelu))
-            self.packed = self.native.packed
             self.register_buffer("bias", self.native.bias)  # float32, what the kernel adds
         else:
             # The row count only picks the layout, any number of rows runs; reordered without
@@ -305,6 +304,11 @@ def optimize(module: nn.Module, kernels: native.Kernels | None = None) -> int:
         predictions.vocab = PackedLinear(weight, predictions.bias, linear=linear)
         count += 1
     return count + _pack_linears(module, linear)
+
+
+def native_products(module: nn.Module) -> int:
+    """How many of `module`'s packed products linear.cpp runs (the rest: oneDNN)."""
+    return sum(isinstance(m, PackedLinear) and m.native is not None for m in module.modules())
 
 
 def warm(module: nn.Module) -> int:

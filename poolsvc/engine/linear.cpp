@@ -234,7 +234,8 @@ extern "C" int poolsvc_linear_fits(int bf16) {
 #elif defined(POOLSVC_LINEAR_F32)
     return !bf16;
 #else
-    return 0 * bf16;
+    (void)bf16;
+    return 0;
 #endif
 }
 

@@ -167,9 +167,9 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, is_
                 and cpu.supports(dtype):
             kernels = native.load()
             products = cpu.optimize(backend, kernels)
-            by_native = kernels is not None and kernels.linear.fits(dtype)
             log.info("%s: %d matrix products packed for the CPU path, run by %s; attention by %s",
-                     spec.name, products, "engine/linear.cpp" if by_native else "oneDNN",
+                     spec.name, products,
+                     "engine/linear.cpp" if cpu.native_products(backend) else "oneDNN",
                      "PyTorch" if kernels is None else "engine/attention.cpp")
         vocab_size, logit = int(files.hf_config["vocab_size"]), None
     dense = _load_dense(files.dense, backend.hidden_size, allow_pickle)

@@ -4,11 +4,12 @@ GIL).
 
 `load()` returns them (`Kernels`), or None where they cannot be built (no compiler, a failed
 build): the CPU path then keeps PyTorch's attention and oneDNN's products, and says so once in
-the log. Where the CPU lacks AVX-512 (float32) or AVX512-BF16 (bfloat16), `Linear.fits` says no
-and oneDNN runs the products. The build is keyed by the sources, the compiler, its flags and the
-CPU's features (it is compiled for this CPU), and kept in POOLSVC_CACHE_DIR (default:
-$XDG_CACHE_HOME/poolsvc, else ~/.cache/poolsvc), so a restart loads it in milliseconds. CXX
-names the compiler (default: c++, then g++).
+the log. Where the CPU lacks AVX-512 (float32) or AVX512-BF16, or has AMX (bfloat16: oneDNN's
+AMX kernels are faster there), `Linear.fits` says no and oneDNN runs the products. The build is
+keyed by the sources, the compiler, its flags and the CPU's features (it is compiled for this
+CPU), and kept in POOLSVC_CACHE_DIR (default: $XDG_CACHE_HOME/poolsvc, else
+~/.cache/poolsvc), so a restart loads it in milliseconds. CXX names the compiler (default: c++,
+then g++).
 """
 
 from __future__ import annotations
@@ -128,8 +129,10 @@ class Linear:
         w = weight.detach().contiguous()
         packed = w.new_empty(self._size(n, k, bf16))
         self._pack(w.data_ptr(), n, k, packed.data_ptr(), bf16)
-        return Product(self._fn, packed, n, k,
-                       None if bias is None else bias.detach().float().contiguous().clone(), post)
+        if bias is not None:  # the layer's own float32 copy, which the kernel reads
+            bias = bias.detach().to(torch.float32, memory_format=torch.contiguous_format,
+                                    copy=True)
+        return Product(self._fn, packed, n, k, bias, post)
 
 
 class Product:
@@ -164,8 +167,8 @@ class Product:
                 other = other.contiguous()
         weight, bias, post, bf16 = self._constant
         if m and self._fn(rows.data_ptr(), m, k, weight, n, bias, post,
-                                      None if other is None else other.data_ptr(),
-                                      out.data_ptr(), bf16, torch.get_num_threads()):
+                          None if other is None else other.data_ptr(), out.data_ptr(), bf16,
+                          torch.get_num_threads()):
             raise RuntimeError(f"linear.cpp refused {self.dtype} with post {post!r}")
         return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
